@@ -1,0 +1,273 @@
+"""Typed, validated params: `load_params("params.yaml") -> Params`.
+
+Every section is a strict pydantic model: unknown keys, unknown names
+(dataset, model, objective), out-of-range values and inconsistent
+cross-references fail here with a message naming the key and the bad value,
+before a stage loads any data. Sections mirror params.yaml one to one so that
+DVC can depend on exactly the keys a stage reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .data.spec import SPECS
+from .schema import StrictModel
+
+Fraction = float
+
+
+class RuntimeParams(StrictModel):
+    """How to run, not what to compute: not a DVC dependency of any stage."""
+
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    deterministic: bool = True      # deterministic kernels (see runtime.configure_determinism)
+    num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = torch default
+    progress: bool = True           # progress bars
+
+
+class DataParams(StrictModel):
+    dataset: str
+    root: str = "data"
+    download: bool = False
+    n_train: int | None = Field(default=None, ge=1)   # seeded random subset of the train split; None = all
+    subset_seed: int = 0
+    n_val: int = Field(default=1000, ge=1)             # first n test images, clean accuracy each epoch
+    augment: Literal["default", "none", "flip", "crop_flip"] = "default"
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in SPECS:
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(sorted(SPECS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DataParams:
+        spec = SPECS[self.dataset]
+        if self.n_train is not None and self.n_train > spec.train_size:
+            raise ValueError(f"n_train={self.n_train} exceeds the {spec.train_size} training images of {self.dataset}")
+        if self.n_val > spec.test_size:
+            raise ValueError(f"n_val={self.n_val} exceeds the {spec.test_size} test images of {self.dataset}")
+        return self
+
+    @property
+    def augmentation(self) -> str:
+        return SPECS[self.dataset].default_augment if self.augment == "default" else self.augment
+
+
+class ModelParams(StrictModel):
+    arch: str
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from .models import MODELS
+
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; registered: {', '.join(MODELS.names())}")
+        return v
+
+
+class AttackParams(StrictModel):
+    """L-inf PGD used to make training examples. eps/step in pixel units of [0, 1] images."""
+
+    eps: float = Field(gt=0, le=1)
+    step_size: float = Field(gt=0, le=1)
+    steps: int = Field(ge=1, le=1000)
+    random_start: bool = True
+    # Mode the model is in while the attack runs: 'eval' (TRADES/MART/CURE code) or
+    # 'train' (BN batch statistics, as AR-AT's official code does through the adv BN).
+    bn_mode: Literal["eval", "train"] = "eval"
+
+
+class AttackOverride(StrictModel):
+    step_size: float | None = Field(default=None, gt=0, le=1)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    random_start: bool | None = None
+    bn_mode: Literal["eval", "train"] | None = None
+
+
+class OptimParams(StrictModel):
+    """SGD with a step schedule (milestones in epochs) or cosine annealing."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = Field(default_factory=list)
+    lr_gamma: float = Field(default=0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _milestones(self) -> OptimParams:
+        ms = self.milestones
+        if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+            raise ValueError(f"milestones must be strictly increasing, got {ms}")
+        if ms and (ms[0] < 1 or ms[-1] >= self.epochs):
+            raise ValueError(f"milestones {ms} must lie in [1, epochs={self.epochs})")
+        return self
+
+
+class OptimOverride(StrictModel):
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+    weight_decay: float | None = Field(default=None, ge=0)
+    nesterov: bool | None = None
+    schedule: Literal["multistep", "cosine", "constant"] | None = None
+    milestones: list[int] | None = None
+    lr_gamma: float | None = Field(default=None, gt=0, le=1)
+
+
+class ThreatParams(StrictModel):
+    """The L-inf threat model shared by training attacks and evaluation."""
+
+    eps: float = Field(gt=0, le=1)
+    train_step_size: float = Field(gt=0, le=1)
+    train_steps: int = Field(ge=1, le=1000)
+
+
+class PretrainParams(StrictModel):
+    optim: OptimParams
+
+
+class MethodSpec(StrictModel):
+    """One finetune instance. `objective` defaults to the instance's key, so
+    `arrest_phi30: {objective: arrest, params: {phi_deg: 30}}` adds a sweep point."""
+
+    objective: str | None = None
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    optim: OptimOverride = OptimOverride()
+    attack: AttackOverride = AttackOverride()
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FinetuneParams(StrictModel):
+    methods: list[str] = Field(min_length=1)
+    optim: OptimParams          # defaults each method's `optim` overrides key by key
+
+
+class PGDEvalParams(StrictModel):
+    steps: int = Field(default=20, ge=1)
+    step_size: float = Field(gt=0, le=1)
+    restarts: int = Field(default=1, ge=1)
+
+
+class EvaluateParams(StrictModel):
+    models: list[str] = Field(min_length=1)   # 'standard' (the pretrained model) and finetune instances
+    n_eval: int = Field(ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    seed: int = 0
+    pgd: PGDEvalParams
+
+
+class MlflowParams(StrictModel):
+    experiment: str = "arpipe"
+
+
+class Params(StrictModel):
+    seed: int = 0
+    runtime: RuntimeParams = RuntimeParams()
+    data: DataParams
+    model: ModelParams
+    threat: ThreatParams
+    pretrain: PretrainParams
+    finetune: FinetuneParams
+    method: dict[str, MethodSpec]
+    evaluate: EvaluateParams
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Params:
+        from .methods import OBJECTIVES
+
+        for name in self.finetune.methods:
+            if name not in self.method:
+                raise ValueError(f"finetune.methods lists {name!r} but method.{name} is not defined; "
+                                 f"defined: {', '.join(sorted(self.method))}")
+        if len(set(self.finetune.methods)) != len(self.finetune.methods):
+            raise ValueError(f"finetune.methods has duplicates: {self.finetune.methods}")
+        for name, spec in self.method.items():
+            objective = spec.objective or name
+            if objective not in OBJECTIVES:
+                raise ValueError(f"method.{name}: unknown objective {objective!r}; "
+                                 f"registered: {', '.join(OBJECTIVES.names())}")
+            try:
+                OBJECTIVES.get(objective).Params.model_validate(spec.params)
+            except ValidationError as exc:
+                raise ValueError(f"method.{name}.params: {_format_errors(exc)}") from None
+            self.resolve(name)  # validates the merged optim / attack settings
+        for name in self.evaluate.models:
+            if name != "standard" and name not in self.finetune.methods:
+                raise ValueError(f"evaluate.models lists {name!r}, which is neither 'standard' nor in "
+                                 f"finetune.methods {self.finetune.methods}")
+        return self
+
+    def resolve(self, name: str) -> ResolvedMethod:
+        """The fully merged settings of finetune instance `name`."""
+        if name not in self.method:
+            raise KeyError(f"unknown method instance {name!r}; defined: {', '.join(sorted(self.method))}")
+        from .methods import OBJECTIVES
+
+        spec = self.method[name]
+        objective = spec.objective or name
+        optim = OptimParams.model_validate(
+            {**self.finetune.optim.model_dump(), **spec.optim.model_dump(exclude_none=True)})
+        attack = AttackParams.model_validate({
+            "eps": self.threat.eps, "step_size": self.threat.train_step_size, "steps": self.threat.train_steps,
+            **spec.attack.model_dump(exclude_none=True)})
+        params = OBJECTIVES.get(objective).Params.model_validate(spec.params)
+        return ResolvedMethod(name=name, objective=objective, init=spec.init, optim=optim, attack=attack,
+                              params=params)
+
+
+class ResolvedMethod(StrictModel):
+    name: str
+    objective: str
+    init: Literal["pretrained", "scratch"]
+    optim: OptimParams
+    attack: AttackParams
+    params: Any
+
+
+class ParamsError(ValueError):
+    """Raised for an invalid params file; the message names each bad key and value."""
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a parameter here)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(f"{source}: {_format_errors(exc)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    return parse_params(raw, str(path))

@@ -1,0 +1,153 @@
+"""Reading the datasets' files in their published formats into uint8 tensors.
+
+Each reader returns (images, labels): images uint8 (N, C, H, W), labels int64 (N,).
+Offline machines: Fashion-MNIST comes from Debian's `dataset-fashion-mnist`
+package when present; CIFAR needs the download (torchvision's code, md5-checked)
+or the extracted `cifar-10-batches-py` / `cifar-100-python` folder under `root`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..io import atomic_path
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+CIFAR = {
+    # name: (folder, archive, url, archive md5, train files, test files, label key)
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 ["train"], ["test"], "fine_labels"),
+}
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset's files are not on disk and could not be fetched; the message says how to get them."""
+
+
+# --------------------------------------------------------------------------- idx (MNIST family)
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (optionally .gz): magic 0x0000 | dtype 0x08 (uint8) | ndim, then big-endian dims."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 idx file (header {data[:4].hex()})")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise ValueError(f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), "
+                         f"file has {len(data) - offset}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def ensure_fashion_mnist(root: Path, download: bool) -> Path:
+    """Return <root>/FashionMNIST/raw with the four uncompressed idx files, making it if needed.
+
+    Order: existing files; Debian's copy (decompressed, because its .gz were
+    recompressed and fail torchvision's md5 list); torchvision's download.
+    """
+    raw = root / "FashionMNIST" / "raw"
+    names = [n for pair in FASHION_FILES.values() for n in pair]
+    if all((raw / n).exists() for n in names):
+        return raw
+    if all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in names):
+        raw.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            with atomic_path(raw / n) as tmp, gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, \
+                    open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return raw
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        try:
+            FashionMNIST(str(root), train=True, download=True)
+            FashionMNIST(str(root), train=False, download=True)
+        except Exception as exc:  # network errors come in many types
+            raise DataUnavailableError(
+                f"Fashion-MNIST is not under {raw} and the download failed ({exc}). Offline, install "
+                "Debian's copy: `apt-get install dataset-fashion-mnist`.") from exc
+        return raw
+    raise DataUnavailableError(
+        f"Fashion-MNIST not found under {raw} nor in {DEBIAN_FASHION_MNIST}. Run "
+        "`apt-get install dataset-fashion-mnist`, or set data.download: true with network access.")
+
+
+def load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    raw = ensure_fashion_mnist(root, download)
+    img_name, lbl_name = FASHION_FILES[train]
+    images = read_idx(raw / img_name)
+    labels = read_idx(raw / lbl_name)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST files in {raw} disagree: images {images.shape}, labels {labels.shape}")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- CIFAR pickles
+def ensure_cifar(name: str, root: Path, download: bool) -> Path:
+    folder, archive, url, md5, *_ = CIFAR[name]
+    path = root / folder
+    if path.is_dir():
+        return path
+    if not download:
+        raise DataUnavailableError(
+            f"{name} not found at {path}. Set data.download: true (needs network), or extract "
+            f"{archive} from {url} into {root}.")
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(url, str(root), filename=archive, md5=md5)
+    except Exception as exc:
+        raise DataUnavailableError(f"downloading {name} from {url} failed: {exc}. Extract {archive} "
+                                   f"into {root} by hand on a machine with network access.") from exc
+    if not path.is_dir():
+        raise DataUnavailableError(f"{archive} did not contain the folder {folder}")
+    return path
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python pickle: dict with b'data' (N, 3072) uint8 in CHW order and a label list."""
+    with open(path, "rb") as fh:
+        entry = pickle.load(fh, encoding="latin1")
+    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(entry[label_key], dtype=np.int64)
+    if len(data) != len(labels):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def load_cifar(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    folder = ensure_cifar(name, root, download)
+    _, _, _, _, train_files, test_files, label_key = CIFAR[name]
+    parts = [read_cifar_batch(folder / f, label_key) for f in (train_files if train else test_files)]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def load_split(name: str, root: str | Path, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:
+    """Full split of a dataset as uint8 (N, C, H, W) images and int64 labels."""
+    root = Path(root)
+    if name == "fashion_mnist":
+        return load_fashion_mnist(root, train, download)
+    if name in CIFAR:
+        return load_cifar(name, root, train, download)
+    raise KeyError(f"unknown dataset {name!r}")

@@ -1,0 +1,56 @@
+"""Crash-safe file writes.
+
+Every file a stage produces goes through `atomic_write`: the bytes land in a
+temporary file in the same directory, are fsynced, then `os.replace`d over the
+target. A kill at any point leaves either the old file or the new one, never a
+truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on clean exit it replaces `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], Any]) -> None:
+    """Call `writer(fh)` on a binary handle and atomically install the result at `path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        writer(fh)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Atomically write `data` as pretty, key-sorted JSON (stable diffs for committed metrics)."""
+    payload = (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(payload))
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

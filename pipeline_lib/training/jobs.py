@@ -1,0 +1,164 @@
+"""Pretraining and finetuning as library calls: what the `pretrain` and `finetune` stages run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint
+from ..config import AttackParams, OptimParams, Params
+from ..data import BatchLoader, get_spec, load_test, load_train
+from ..io import atomic_write, write_json
+from ..methods import ObjectiveContext, build_objective
+from ..models import build_model
+from ..runtime import configure_determinism, resolve_device, seed_everything
+from ..schema import NoParams, StrictModel
+from ..tracking import Tracker
+from .loop import fit
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where a training stage writes: the paths named in dvc.yaml, passed in by the stage command."""
+
+    checkpoint: Path
+    metrics: Path
+    history: Path
+    state: Path  # resumable training state; removed once the checkpoint is written
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    name: str                 # "standard" for pretraining, else the finetune instance name
+    objective: str
+    objective_params: StrictModel
+    optim: OptimParams
+    attack: AttackParams
+    init: str                 # "pretrained" | "scratch"
+
+
+def pretrain_job(p: Params) -> TrainJob:
+    attack = AttackParams(eps=p.threat.eps, step_size=p.threat.train_step_size, steps=p.threat.train_steps)
+    return TrainJob("standard", "standard", NoParams(), p.pretrain.optim, attack, "scratch")
+
+
+def finetune_job(p: Params, name: str) -> TrainJob:
+    r = p.resolve(name)
+    return TrainJob(name, r.objective, r.params, r.optim, r.attack, r.init)
+
+
+def job_config(p: Params, job: TrainJob) -> dict[str, Any]:
+    """Everything that determines the trained weights (logged, stored in the checkpoint, hashed for resume)."""
+    return {
+        "name": job.name, "objective": job.objective, "init": job.init, "seed": p.seed,
+        "data": p.data.model_dump(exclude={"root", "download"}), "model": p.model.model_dump(),
+        "optim": job.optim.model_dump(), "attack": job.attack.model_dump(),
+        "params": job.objective_params.model_dump(),
+    }
+
+
+def fingerprint(config: dict[str, Any], init_path: Path | None) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    if init_path is not None:
+        h.update(checkpoint.file_sha256(init_path).encode())
+    return h.hexdigest()
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for rec in history:
+        keys += [k for k in rec if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
+
+
+def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Path | None = None,
+                 stage: str | None = None) -> dict[str, Any]:
+    """Train one model end to end and write its checkpoint, metrics JSON and history CSV.
+
+    `pretrained` is the standard model's checkpoint: the initialisation when
+    job.init == 'pretrained' and the frozen teacher for objectives that need one.
+    """
+    from ..methods import OBJECTIVES
+
+    needs_teacher = OBJECTIVES.get(job.objective).needs_teacher
+    if (job.init == "pretrained" or needs_teacher) and (pretrained is None or not pretrained.exists()):
+        raise FileNotFoundError(f"{job.name}: needs the pretrained checkpoint, got {pretrained}")
+    configure_determinism(p.runtime.deterministic)
+    if p.runtime.num_threads:
+        torch.set_num_threads(p.runtime.num_threads)
+    device = resolve_device(p.runtime.device)
+    spec = get_spec(p.data.dataset)
+
+    x_tr, y_tr = load_train(p.data.dataset, p.data.root, p.data.n_train, p.data.subset_seed, p.data.download)
+    x_va, y_va = load_test(p.data.dataset, p.data.root, p.data.n_val, p.data.download)
+    loader = BatchLoader(x_tr, y_tr, job.optim.batch_size, shuffle=True, augment=p.data.augmentation,
+                         drop_last=True, seed=p.seed, device=device)
+    val = BatchLoader(x_va, y_va, 500, device=device)
+    if len(loader) == 0:
+        raise ValueError(f"{job.name}: batch_size={job.optim.batch_size} exceeds the {len(x_tr)} training images")
+
+    seed_everything(p.seed)
+    model = build_model(p.model.arch, spec)
+    init_path = pretrained if job.init == "pretrained" else None
+    if init_path is not None:
+        base, meta = checkpoint.load_model(init_path)
+        if meta["arch"] != p.model.arch or meta["dataset"] != p.data.dataset:
+            raise ValueError(f"{init_path} holds {meta['arch']} on {meta['dataset']}, params ask for "
+                             f"{p.model.arch} on {p.data.dataset}")
+        model.load_state_dict(base.state_dict())
+    model.to(device)
+    teacher = None
+    if needs_teacher:
+        teacher, _ = checkpoint.load_model(pretrained, device)  # type: ignore[arg-type]
+        teacher.requires_grad_(False).eval()
+    ctx = ObjectiveContext(attack=job.attack, num_classes=spec.num_classes, device=device, teacher=teacher,
+                           seed=p.seed)
+    objective = build_objective(job.objective, job.objective_params, ctx)
+    model = objective.prepare_model(model).to(device)
+
+    config = job_config(p, job)
+    stage = stage or ("pretrain" if job.name == "standard" else f"finetune@{job.name}")
+    with Tracker(p.mlflow.experiment, stage, tags={"stage": stage.split("@")[0], "method": job.name,
+                                                   "dvc_stage": stage}) as tracker:
+        tracker.log_params(config)
+        t0 = time.perf_counter()
+        result = fit(model, objective, loader, val, job.optim, seed=p.seed, state_path=out.state,
+                     fingerprint=fingerprint(config, init_path), progress=p.runtime.progress, desc=stage,
+                     on_epoch=lambda rec: tracker.log_metrics(rec, step=int(rec["epoch"])))
+        seconds = time.perf_counter() - t0
+        final = result.history[-1]
+        exported = objective.export_model(result.model)
+        steps = job.optim.epochs * len(loader)
+        metrics = {
+            "train_time_s": round(sum(r["epoch_time_s"] for r in result.history), 3),
+            "wall_time_s": round(seconds, 3),
+            "step_time_ms": round(1000 * sum(r["epoch_time_s"] for r in result.history) / steps, 3),
+            "epochs": job.optim.epochs,
+            "val_clean_acc": final["val_clean_acc"],
+            **{k: v for k, v in final.items() if k not in ("epoch", "lr", "epoch_time_s", "val_clean_acc")},
+        }
+        checkpoint.save_model(out.checkpoint, exported, arch=p.model.arch, dataset=p.data.dataset,
+                              meta={"method": job.name, "objective": job.objective, "config": config,
+                                    "epoch": job.optim.epochs, "metrics": metrics, "stage": stage,
+                                    "git_commit": tracker.tags["git_commit"]})
+        write_json(out.metrics, metrics)
+        write_history_csv(out.history, result.history)
+        out.state.unlink(missing_ok=True)  # finished: the checkpoint supersedes the resume state
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"checkpoint_path": str(out.checkpoint),
+                          "checkpoint_sha256": checkpoint.file_sha256(out.checkpoint)})
+        tracker.log_artifact(out.metrics)
+        tracker.log_artifact(out.history)
+    return metrics

@@ -1,0 +1,147 @@
+"""The one training loop every method shares.
+
+    for epoch:
+        objective.on_epoch_start
+        for (x, y) in loader:                # x: (B, C, H, W) in [0, 1]
+            loss = objective.loss(model, x, y).loss
+            loss.backward()
+            objective.before_optimizer_step   # e.g. CURE's gradient mask
+            optimizer.step()
+            objective.after_optimizer_step    # e.g. CURE's revision EMA
+        scheduler.step(); objective.on_epoch_end; clean val accuracy
+        save resumable state (atomic)
+
+Determinism and resume: every epoch re-seeds torch/numpy/python, the loader's
+order and the objective's attack generator from (seed, epoch). So a run killed
+after epoch k and resumed from its state file replays epochs k+1.. exactly as
+the uninterrupted run would, and produces identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+from ..config import OptimParams
+from ..data import BatchLoader
+from ..evaluation import accuracy
+from ..methods import Objective
+from ..runtime import seed_everything
+
+STATE_FORMAT = "arpipe-train-state/1"
+
+
+@dataclass
+class FitResult:
+    model: nn.Module                                     # the trained model (training form)
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+
+def make_optimizer(params: list[nn.Parameter], o: OptimParams) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, o: OptimParams) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: multistep (x lr_gamma at each milestone), cosine to 0, or constant."""
+    if o.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(o.milestones), gamma=o.lr_gamma)
+    if o.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 10_007 + epoch
+
+
+def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchLoader, optim: OptimParams, *,
+        seed: int, state_path: str | Path | None = None, fingerprint: str = "", progress: bool = True,
+        desc: str = "train", on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+    """Train `model` (already prepared by `objective.prepare_model` and on its device).
+
+    `state_path`: where the resumable state is written after each epoch; if a
+    state with the same `fingerprint` exists there, training resumes from it.
+    `on_epoch(record)` is called with each epoch's metrics (also replayed ones).
+    """
+    extra = objective.extra_modules().to(next(model.parameters()).device)
+    params = [p for p in model.parameters() if p.requires_grad] + [p for p in extra.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optim)
+    sched = make_scheduler(opt, optim)
+    history: list[dict[str, float]] = []
+    start = 0
+
+    if state_path is not None and Path(state_path).exists():
+        state = checkpoint.load(state_path)
+        if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            extra.load_state_dict(state["extra"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            objective.load_state_dict(state["objective"])
+            history = list(state["history"])
+            start = int(state["epoch"])
+        else:
+            warnings.warn(f"ignoring {state_path}: it belongs to a different configuration", RuntimeWarning,
+                          stacklevel=2)
+    for record in history:
+        if on_epoch:
+            on_epoch(record)
+
+    step = start * len(loader)
+    for epoch in range(start, optim.epochs):
+        t0 = time.perf_counter()
+        seed_everything(epoch_seed(seed, epoch))
+        loader.set_epoch(epoch)
+        objective.ctx.generator.manual_seed(epoch_seed(seed, epoch) + 1)
+        record: dict[str, float] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+        record.update(objective.on_epoch_start(model, epoch, loader))
+
+        model.train()
+        extra.train()
+        sums: dict[str, torch.Tensor | float] = {}
+        seen = 0
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", disable=not progress, leave=False,
+                   mininterval=1.0)
+        for x, y in bar:
+            opt.zero_grad(set_to_none=True)
+            out = objective.loss(model, x, y)
+            out.loss.backward()
+            objective.before_optimizer_step(model)
+            opt.step()
+            step += 1
+            objective.after_optimizer_step(model, step)
+            b = len(y)
+            seen += b
+            batch_stats: dict[str, Any] = {"train_loss": out.loss.detach(), **out.stats}
+            if out.logits is not None:
+                batch_stats["train_acc"] = (out.logits.detach().argmax(1) == y).float().mean()
+            for k, v in batch_stats.items():
+                v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                sums[k] = sums.get(k, 0.0) + v * b
+        sched.step()
+        record.update({k: float(v) / max(seen, 1) for k, v in sums.items()})
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(f"{desc}: non-finite training loss in epoch {epoch + 1}: {record['train_loss']}")
+        record.update(objective.on_epoch_end(model, epoch))
+        record["val_clean_acc"] = accuracy(model, val)
+        record["epoch_time_s"] = time.perf_counter() - t0
+        history.append(record)
+        if state_path is not None:
+            checkpoint.save(state_path, {
+                "format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+                "model": model.state_dict(), "extra": extra.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "objective": objective.state_dict(), "history": history})
+        if on_epoch:
+            on_epoch(record)
+    return FitResult(model=model, history=history, resumed_from_epoch=start)

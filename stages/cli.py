@@ -1,0 +1,24 @@
+"""The `arpipe` command: one subcommand per DVC stage (see dvc.yaml)."""
+
+from __future__ import annotations
+
+import typer
+
+from . import evaluate, profile, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Accuracy-robustness pipeline stages. Normally run by `dvc repro`.")
+
+
+@app.callback()
+def main() -> None:
+    """Stages of the ARREST / AR-AT / CURE comparison pipeline."""
+
+
+app.command("pretrain")(train.pretrain)
+app.command("finetune")(train.finetune)
+app.command("evaluate")(evaluate.evaluate)
+app.command("profile")(profile.profile)
+
+if __name__ == "__main__":
+    app()
