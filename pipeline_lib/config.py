@@ -183,6 +183,8 @@ class Params(StrictModel):
     finetune: FinetuneParams
     method: dict[str, MethodSpec]
     evaluate: EvaluateParams
+    # corruption: <section model from pipeline_lib.corruption> (corruption robustness)
+    # aggregate: <section model from pipeline_lib.aggregation> (aggregation and regression gate)
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")

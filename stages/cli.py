@@ -19,6 +19,8 @@ app.command("pretrain")(train.pretrain)
 app.command("finetune")(train.finetune)
 app.command("evaluate")(evaluate.evaluate)
 app.command("profile")(profile.profile)
+# corruption commands: app.command("corrupt")(...), app.command("corruption")(...)
+# aggregation commands: app.command("aggregate")(...), app.command("gate")(...)
 
 if __name__ == "__main__":
     app()

@@ -40,11 +40,12 @@ def uniform_start(x: Tensor, eps: float, generator: torch.Generator | None) -> T
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,
              random_start: bool = True, loss_fn: LossFn = ce_loss, restarts: int = 1,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, x_init: Tensor | None = None) -> Tensor:
     """Return x_adv with ||x_adv - x||_inf <= eps and x_adv in [0, 1].
 
     With restarts > 1 each example keeps the first restart that fools the model
-    (else the last), as in Madry et al.'s evaluation.
+    (else the last), as in Madry et al.'s evaluation. `x_init` replaces the
+    random start (e.g. TRADES' x + 0.001 N(0, 1)); it is projected onto the ball first.
     x: (B, C, H, W) in [0, 1]; y: (B,) int64.
     """
     if eps < 0 or step_size <= 0 or steps < 0 or restarts < 1:
@@ -53,7 +54,10 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: f
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
-        x_adv = uniform_start(x, eps, generator) if random_start else x.clone()
+        if x_init is not None:
+            x_adv = torch.min(torch.max(x_init.detach(), x - eps), x + eps).clamp(0, 1)
+        else:
+            x_adv = uniform_start(x, eps, generator) if random_start else x.clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             loss = loss_fn(model(x_adv), y).sum()

@@ -39,7 +39,8 @@ def run_evaluation(p: Params, name: str, model_path: Path, metrics_path: Path) -
                                  restarts=e.pgd.restarts, generator=gen)
                 with torch.no_grad():
                     robust[i:i + e.batch_size] &= model(x_adv).argmax(1) == yb
-        metrics = {"clean_acc": float(clean.float().mean()), f"pgd{e.pgd.steps}_acc": float(robust.float().mean()),
+        metrics = {"clean_acc": float(clean.float().mean()), "pgd_acc": float(robust.float().mean()),
+                   "pgd_steps": e.pgd.steps,
                    "n_eval": len(y), "eps": p.threat.eps, "eval_time_s": round(time.perf_counter() - t0, 3)}
         write_json(metrics_path, metrics)
         tr.log_metrics(metrics)

@@ -1,6 +1,16 @@
-"""Training objectives, registered by name. Importing this package registers them all."""
+"""Training objectives, registered by name.
 
-from . import pgd_at, standard  # noqa: F401  (registration side effect)
+Importing this package imports every module in it, so a new method is one new
+file with a `@register_objective("name")` class: nothing else to edit.
+"""
+
+import importlib
+import pkgutil
+
 from .base import OBJECTIVES, Objective, ObjectiveContext, StepOutput, build_objective, register_objective
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _mod.startswith("_") and _mod != "base":
+        importlib.import_module(f"{__name__}.{_mod}")
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "StepOutput", "build_objective", "register_objective"]

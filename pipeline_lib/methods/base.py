@@ -104,7 +104,8 @@ class Objective(ABC):
         with preserve_mode(model):
             model.train(a.bn_mode == "train")
             return pgd_linf(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
-                            random_start=a.random_start, loss_fn=loss_fn, generator=self.ctx.generator)
+                            random_start=a.random_start, loss_fn=loss_fn, generator=self.ctx.generator,
+                            x_init=x_init)
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
