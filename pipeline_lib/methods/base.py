@@ -42,6 +42,7 @@ class ObjectiveContext:
     attack: AttackParams                 # the training attack (eps, step, steps, bn_mode)
     num_classes: int
     device: torch.device
+    input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of one example, for sizing extra modules
     teacher: nn.Module | None = None     # frozen pretrained model in eval mode (needs_teacher)
     seed: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)  # CPU stream for attack noise

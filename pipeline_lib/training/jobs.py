@@ -123,7 +123,8 @@ def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Pat
     if needs_teacher:
         teacher, _ = checkpoint.load_model(pretrained, device)  # type: ignore[arg-type]
         teacher.requires_grad_(False).eval()
-    ctx = ObjectiveContext(attack=job.attack, num_classes=spec.num_classes, device=device, teacher=teacher,
+    ctx = ObjectiveContext(attack=job.attack, num_classes=spec.num_classes, device=device,
+                           input_shape=(spec.channels, spec.image_size, spec.image_size), teacher=teacher,
                            seed=p.seed)
     objective = build_objective(job.objective, job.objective_params, ctx)
     model = objective.prepare_model(model).to(device)
