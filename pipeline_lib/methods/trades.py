@@ -1,0 +1,53 @@
+"""TRADES (Zhang et al., ICML 2019): CE on clean inputs plus beta * KL(p(x) || p(x_adv)).
+
+As the official code (yaodongyu/TRADES, `trades_loss`):
+* attack: maximise KL(p(x) || p(x')) from x' = x + init_std * N(0, 1) with the training
+  attack's eps / step_size / steps, in the mode `ctx.attack.bn_mode` asks for (default eval,
+  as the official code); p(x) is fixed (computed once, no gradient) during the attack;
+* loss: CE(f(x), y) + beta * KL(p(x) || p(x_adv)) with `batchmean` reduction, both forwards
+  in the loop's (train) mode and separately (their own BatchNorm batch statistics), the
+  gradient flowing through p(x) too. beta = 6 is the paper's CIFAR-10 setting.
+
+The train accuracy the loop logs is measured on the adversarial logits (as for PGD-AT).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..runtime import preserve_mode
+from ..schema import StrictModel
+from .base import Objective, StepOutput, register_objective
+from .losses import gaussian_start, kl_per_example
+
+
+class TradesParams(StrictModel):
+    beta: float = Field(default=6.0, ge=0)        # weight of the KL (robustness) term; 0 = clean CE only
+    init_std: float = Field(default=0.001, ge=0)  # attack start x + init_std * N(0, 1)
+
+
+@register_objective("trades")
+class Trades(Objective):
+    Params = TradesParams
+    params: TradesParams
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        x_adv = self.trades_adversarial(model, x, y)
+        logits_nat = model(x)       # (B, K), loop's mode
+        logits_adv = model(x_adv)   # (B, K)
+        ce = F.cross_entropy(logits_nat, y)
+        kl = kl_per_example(logits_nat, logits_adv).mean()  # batchmean
+        return StepOutput(ce + self.params.beta * kl, logits_adv, {"ce_nat": float(ce.detach()),
+                                                                   "kl": float(kl.detach())})
+
+    def trades_adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """x_adv (B, C, H, W) maximising KL(p(x) || p(x_adv)) within the training eps-ball."""
+        with torch.no_grad(), preserve_mode(model):
+            model.train(self.ctx.attack.bn_mode == "train")
+            logits_ref = model(x)  # p(x) of the attack, fixed while it runs
+        x_init = gaussian_start(x, self.params.init_std, self.ctx.generator)
+        return self.adversarial(model, x, y, loss_fn=lambda logits, _y: kl_per_example(logits_ref, logits),
+                                x_init=x_init)
