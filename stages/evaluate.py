@@ -5,20 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from pipeline_lib.evaluation.job import run_evaluation
+from pipeline_lib.evaluation.config import EvaluateConfigError
+from pipeline_lib.evaluation.job import EvalOutputs, run_evaluation
+from pipeline_lib.evaluation.model_checks import ModelCheckError
 
-from .common import PARAMS_OPTION, console, load_or_exit
+from .common import PARAMS_OPTION, console, fail, load_or_exit
+
+STATE_DIR = Path("cache/eval_state")  # resumable state, outside DVC's outputs so a rerun can resume
 
 
 def evaluate(
     name: str = typer.Argument(..., help="model name: 'standard' or a finetune instance"),
     model: Path = typer.Option(..., help="model checkpoint to evaluate"),
     metrics: Path = typer.Option(..., help="metrics JSON to write"),
+    record: Path = typer.Option(..., help="per-example record CSV (which attack broke which image)"),
+    log: Path = typer.Option(..., help="evaluation log, AutoAttack's log included"),
+    plot: Path = typer.Option(..., help="PNG: accuracy per attack and against eps"),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Clean and adversarial accuracy on the first n_eval test images."""
+    """Clean, FGSM, PGD, CW and AutoAttack accuracy on the first n_eval test images (resumable)."""
     p = load_or_exit(params)
-    result = run_evaluation(p, name, model, metrics)
-    console.print(f"evaluate@{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()
-                                                  if k.endswith("_acc")))
+    if not model.exists():
+        raise fail(f"model checkpoint {model} does not exist")
+    try:
+        result = run_evaluation(p, name, model, EvalOutputs(metrics, record, log, plot, STATE_DIR / name))
+    except (EvaluateConfigError, ModelCheckError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"evaluate@{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.endswith("_acc"))
+                  + f" ({result['eval_time_s']:.1f} s)")
+    for message in result["warnings"]:
+        console.print(f"[bold yellow]sanity flag[/]: {escape(message)}")

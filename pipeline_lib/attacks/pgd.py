@@ -60,8 +60,9 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: f
             x_adv = uniform_start(x, eps, generator) if random_start else x.clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            loss = loss_fn(model(x_adv), y).sum()
-            (grad,) = torch.autograd.grad(loss, [x_adv])
+            with torch.enable_grad():  # callers may sit inside torch.no_grad() (evaluation loops)
+                loss = loss_fn(model(x_adv), y).sum()
+                (grad,) = torch.autograd.grad(loss, [x_adv])
             with torch.no_grad():
                 x_adv = x_adv + step_size * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)

@@ -1,4 +1,12 @@
-"""Evaluation: clean accuracy and attacks on a trained model."""
+"""Evaluation: clean accuracy and the attack cascade of the `evaluate` stage.
+
+Modules: `accuracy` (clean accuracy, also used by training), `config` (the evaluate
+params), `registry` (attacks by name -> cascade steps), `cascade` (the resumable
+runner), `record` (who broke what), `autoattack` (the pyautoattack wrapper),
+`model_checks`, `sanity` (gradient-masking flags), `summary`, `plot`, `job` (the stage).
+Only `accuracy` is imported here: `pipeline_lib.config` imports `evaluation.config`,
+so importing the job at package import time would be circular.
+"""
 
 from .accuracy import accuracy, predict
 

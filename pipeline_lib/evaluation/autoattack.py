@@ -1,0 +1,105 @@
+"""AutoAttack through the PyPI package `pyautoattack` (the upstream attack code, another API).
+
+The cascade runs AutoAttack one component (APGD-CE, APGD-T, ...) and one batch
+at a time, on the examples the earlier components left robust, and records
+after each batch. That is exactly what `run_standard_evaluation` does inside
+(its batches are consecutive slices of the still-robust indices, and every
+component re-seeds torch with the AutoAttack seed before each batch), so the
+result equals a one-shot `run_standard_evaluation` example for example
+(tests/test_eval_autoattack.py checks it), while a kill loses at most one batch.
+
+pyautoattack's own resumable `state_path` is not used: in 0.2.0 a saved state can
+never be restored (its attack set is written as the string "{'apgd-ce', ...}" and
+compared with a set, so every restore raises "created with a different set of
+attacks"; past that, `y_adv` is unbound on the restore path) and it is not written
+atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .config import AutoAttackParams
+
+AA_LOGGER = "auto-attack"   # pyautoattack logs its progress here at DEBUG
+
+
+def build_autoattack(model: nn.Module, params: AutoAttackParams, *, eps: float, seed: int,
+                     device: torch.device | str) -> Any:
+    """A pyautoattack.AutoAttack for L-inf `eps` with a fixed seed.
+
+    'custom' starts from the standard version's settings (as applied by pyautoattack
+    itself: 1 APGD restart, 9 target classes, 5000 Square queries) and then runs only
+    `params.custom.attacks` with the given overrides, set the way upstream documents
+    (`adversary.apgd.n_restarts = ...`). pyautoattack's own 'custom' keeps its
+    constructor defaults instead (5 APGD restarts), a different attack from standard's.
+    """
+    from pyautoattack import AutoAttack
+
+    if params.version != "custom" or params.custom is None:
+        return AutoAttack(model, version=params.version, norm="Linf", eps=eps, seed=seed, device=device)
+    c = params.custom
+    aa = AutoAttack(model, version="standard", norm="Linf", eps=eps, seed=seed, device=device)
+    aa.version = "custom"
+    aa.attacks_to_run = list(c.attacks)
+    if c.apgd_restarts is not None:
+        aa.apgd.n_restarts = c.apgd_restarts
+    if c.target_classes is not None:
+        aa.apgd_targeted.n_target_classes = c.target_classes
+        aa.fab.n_target_classes = c.target_classes
+    if c.square_queries is not None:
+        aa.square.n_queries = c.square_queries
+    return aa
+
+
+def run_component(aa: Any, component: str, x: Tensor, y: Tensor, *, batch_size: int) -> Tensor:
+    """Run one AutoAttack component on one batch (len(x) <= batch_size): x_adv (B, C, H, W).
+
+    Examples the component does not break come back unchanged; the caller decides
+    what broke by predicting on x_adv.
+    """
+    if len(x) > batch_size:
+        raise ValueError(f"run_component takes one batch: got {len(x)} examples for batch_size={batch_size}")
+    aa.attacks_to_run = [component]
+    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    return x_adv
+
+
+@contextmanager
+def capture_logs(path: str | Path, names: Sequence[str] = (AA_LOGGER, "pipeline_lib.evaluation")) -> Iterator[Path]:
+    """Append the records of `names` (AutoAttack's DEBUG log included) to `path` for the block.
+
+    AutoAttack's per-batch lines go to the file only (not the console); the other
+    loggers keep propagating to the console as well. Levels and handlers are restored after.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    saved = []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        if name == AA_LOGGER:
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+        elif logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        for logger, level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        handler.close()

@@ -1,0 +1,130 @@
+"""Evaluation attacks by name (the `evaluate.attacks` list), like the objective registry.
+
+A registered builder turns the evaluate params into one or more `AttackStep`s:
+the cascade's unit of work, one column of the per-example record. FGSM, PGD and
+CW are one step each; AutoAttack is one step per component attack (APGD-CE,
+APGD-T, ...), chained the way AutoAttack chains them, so an interrupted
+evaluation resumes after the last finished component (or batch).
+
+A step's `run(x, y, generator) -> x_adv` attacks one batch: x (B, C, H, W) in
+[0, 1] on the model's device, y (B,) int64; the generator (CPU, seeded per batch
+by the cascade) drives any randomness, so a resumed run redraws the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.cw import cw_linf
+from ..attacks.fgsm import fgsm_linf
+from ..attacks.pgd import pgd_linf
+from ..registry import Registry
+from .autoattack import build_autoattack, run_component
+
+if TYPE_CHECKING:
+    from .config import EvaluateParams
+
+ChunkAttack = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+
+
+@dataclass(frozen=True)
+class AttackStep:
+    name: str             # record column, e.g. "pgd", "autoattack/apgd-t", "pgd_eps_0.05"
+    metric: str           # metrics key it counts towards: "<attack>_acc" (steps sharing it are chained)
+    eps: float            # L-inf budget the step must respect (checked on every batch)
+    run: ChunkAttack
+    worst_case: bool = True   # part of worst_case_acc (the eps sweep is not: it uses other budgets)
+
+
+@dataclass(frozen=True)
+class AttackEnv:
+    """What builders need besides the params: the model (eval mode, on `device`) and the threat model."""
+
+    model: nn.Module
+    eps: float
+    device: torch.device
+    seed: int
+    batch_size: int
+
+
+AttackBuilder = Callable[["EvaluateParams", AttackEnv], list[AttackStep]]
+EVAL_ATTACKS: Registry[AttackBuilder] = Registry("evaluation attack")
+
+
+def register_attack(name: str) -> Callable[[AttackBuilder], AttackBuilder]:
+    return EVAL_ATTACKS.register(name)
+
+
+@register_attack("fgsm")
+def _fgsm(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        return fgsm_linf(env.model, x, y, eps=env.eps)
+
+    return [AttackStep("fgsm", "fgsm_acc", env.eps, run)]
+
+
+@register_attack("pgd")
+def _pgd(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    s = e.pgd
+
+    def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        return pgd_linf(env.model, x, y, eps=env.eps, step_size=s.step_size, steps=s.steps, restarts=s.restarts,
+                        generator=gen)
+
+    return [AttackStep("pgd", "pgd_acc", env.eps, run)]
+
+
+@register_attack("cw")
+def _cw(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    s = e.cw_settings
+
+    def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        return cw_linf(env.model, x, y, eps=env.eps, step_size=s.step_size, steps=s.steps, restarts=s.restarts,
+                       generator=gen)
+
+    return [AttackStep("cw", "cw_acc", env.eps, run)]
+
+
+@register_attack("autoattack")
+def _autoattack(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    # One pyautoattack object for every component and batch: built once, never rebuilt.
+    aa = build_autoattack(env.model, e.autoattack, eps=env.eps, seed=env.seed, device=env.device)
+
+    def step(component: str) -> AttackStep:
+        def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+            return run_component(aa, component, x, y, batch_size=env.batch_size)  # seeded by aa.seed
+
+        return AttackStep(f"autoattack/{component}", "autoattack_acc", env.eps, run)
+
+    return [step(c) for c in aa.attacks_to_run]
+
+
+def sweep_metric(eps: float) -> str:
+    return f"pgd_acc_eps_{eps:g}"
+
+
+def sweep_steps(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    """PGD at each `eps_sweep` value, the step size scaled by eps'/eps so the steps cover the ball alike."""
+    s = e.pgd
+
+    def step(eps: float) -> AttackStep:
+        step_size = s.step_size * eps / env.eps
+
+        def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+            return pgd_linf(env.model, x, y, eps=eps, step_size=step_size, steps=s.steps, restarts=s.restarts,
+                            generator=gen)
+
+        return AttackStep(f"pgd_eps_{eps:g}", sweep_metric(eps), eps, run, worst_case=False)
+
+    return [step(v) for v in e.eps_sweep]
+
+
+def plan_steps(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    """Every step of one evaluation, in run order: the listed attacks, then the eps sweep."""
+    steps = [st for name in e.attacks for st in EVAL_ATTACKS.get(name)(e, env)]
+    return steps + sweep_steps(e, env)
