@@ -1,0 +1,74 @@
+"""Accuracy of a model on every corruption x severity of a corrupted set, and its summary.
+
+Mean corruption accuracy = the mean over the averaged corruptions x 5 severities, each
+cell weighted equally (RobustBench's corruptions_acc). The extra corruptions are reported
+next to it, never in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..evaluation import predict
+from .config import SEVERITIES
+from .store import CorruptedSet, CorruptedSetError
+
+
+def accuracy_on(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+                device: torch.device) -> float:
+    """Top-1 accuracy (fraction) on uint8 (N, H, W, C) images in eval mode."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device).float().div_(255.0)   # (N, C, H, W) in [0, 1]
+    pred = predict(model, x, batch_size).cpu()
+    return float((pred == torch.from_numpy(labels)).float().mean())
+
+
+def corruption_table(model: nn.Module, cset: CorruptedSet, names: Sequence[str], n: int, *,
+                     clean_labels: np.ndarray, batch_size: int, device: torch.device,
+                     progress: bool = True) -> dict[str, list[float]]:
+    """{corruption: [accuracy at severity 1, ..., 5]} on the first n images of each severity.
+
+    The set's labels must equal the clean test labels: a guard against evaluating
+    corrupted images of a different subset, order or dataset.
+    """
+    table: dict[str, list[float]] = {}
+    with tqdm(total=len(names) * len(SEVERITIES), desc="corruption", disable=not progress) as bar:
+        for name in names:
+            table[name] = []
+            for s in SEVERITIES:
+                x, y = cset.load(name, s, n)
+                if not np.array_equal(y, clean_labels):
+                    raise CorruptedSetError(f"labels of {name} severity {s} in {cset.folder} differ from the first "
+                                            f"{n} test labels: the set was made from other images")
+                table[name].append(accuracy_on(model, x, y, batch_size=batch_size, device=device))
+                bar.update()
+    return table
+
+
+def summarise(table: dict[str, list[float]], corruptions: Sequence[str], extra: Sequence[str],
+              clean_acc: float) -> dict[str, Any]:
+    """The metrics a `corruption@<model>` stage reports (accuracies as fractions)."""
+    main = [m for m in corruptions if m in table]
+    if not main:
+        raise ValueError("no averaged corruption in the table")
+    grid = np.array([table[m] for m in main])   # (corruptions, severities)
+    out: dict[str, Any] = {
+        "clean_acc": clean_acc,
+        "mean_corruption_acc": float(grid.mean()),
+        "mean_corruption_error": float(1.0 - grid.mean()),
+        "per_corruption": {m: float(np.mean(table[m])) for m in main},
+        "per_severity": {str(s): float(grid[:, i].mean()) for i, s in enumerate(SEVERITIES)},
+        "table": {m: {str(s): table[m][i] for i, s in enumerate(SEVERITIES)} for m in main},
+        "n_corruptions": len(main),
+    }
+    ext = [m for m in extra if m in table]
+    if ext:
+        out["mean_extra_acc"] = float(np.mean([table[m] for m in ext]))
+        out["extra_per_corruption"] = {m: float(np.mean(table[m])) for m in ext}
+        out["extra_table"] = {m: {str(s): table[m][i] for i, s in enumerate(SEVERITIES)} for m in ext}
+    return out

@@ -1,0 +1,50 @@
+"""`arpipe corrupt` (make the corrupted test set once) and `arpipe corruption MODEL` (evaluate on it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline_lib.corruption.build_set import build_corrupted_set
+from pipeline_lib.corruption.cifar_c import ChecksumError
+from pipeline_lib.corruption.eval_job import run_corruption_eval
+from pipeline_lib.corruption.store import CorruptedSetError
+from pipeline_lib.data import DataUnavailableError
+
+from .common import PARAMS_OPTION, console, fail, load_or_exit
+
+
+def corrupt(
+    out: Path = typer.Option(..., help="folder for the corrupted set (CIFAR-C layout + manifest.json)"),
+    samples: Path = typer.Option(..., help="PNG grid showing one test image under every corruption"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Generate the corrupted test set (any dataset) or fetch the released CIFAR-10-C / CIFAR-100-C."""
+    p = load_or_exit(params)
+    try:
+        result = build_corrupted_set(p, out, samples)
+    except (ValueError, DataUnavailableError, ChecksumError) as exc:   # CorruptedSetError is a ValueError
+        raise fail(str(exc)) from None
+    skipped = ", ".join(f"{m} ({r})" for m, r in result["skipped"].items()) or "none"
+    console.print(f"corrupt: {result['source']} {result['dataset']}, {len(result['corruptions'])} + "
+                  f"{len(result['extra'])} extra corruptions x 5 severities x {result['n_images']} images "
+                  f"in {result['build_time_s']:.1f}s -> {out}; skipped: {skipped}")
+
+
+def corruption(
+    name: str = typer.Argument(..., help="model name: 'standard' or a finetune instance"),
+    model: Path = typer.Option(..., help="model checkpoint to evaluate"),
+    data: Path = typer.Option(..., help="the corrupt stage's output folder"),
+    metrics: Path = typer.Option(..., help="metrics JSON to write"),
+    heatmap: Path = typer.Option(..., help="accuracy heatmap PNG to write"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Accuracy on every corruption x severity, the mean corruption accuracy and a heatmap."""
+    p = load_or_exit(params)
+    try:
+        result = run_corruption_eval(p, name, model, data, metrics, heatmap)
+    except (CorruptedSetError, DataUnavailableError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"corruption@{name}: clean_acc={result['clean_acc']:.4f} "
+                  f"mean_corruption_acc={result['mean_corruption_acc']:.4f}")
