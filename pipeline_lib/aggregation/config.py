@@ -1,0 +1,102 @@
+"""The `aggregate` params section: which robust accuracy to compare on, the ARDist
+reference, and the regression gate's per-metric tolerances.
+
+Units: every accuracy-like metric of the aggregate (clean, robust, NRR, ARDist,
+mean gap, corruption) is in percentage points, so tolerances are in points too.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..schema import StrictModel
+
+# Robust accuracies the evaluate stage may write (as `<name>_acc`), strongest estimate first.
+RobustMetric = Literal["autoattack", "worst_case", "cw", "pgd", "fgsm"]
+CurveFamily = Literal["auto", "linear", "quadratic"]
+
+# Every metric the aggregate writes per model (and `mean_gap` per sweep): the names
+# the gate's per-metric rules may use. A typo in params fails validation.
+GATE_METRICS: tuple[str, ...] = (
+    "clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "robust",
+    "nrr_aa", "nrr_cw", "ardist", "corruption", "train_time_s", "mean_gap",
+)
+
+
+def reference_tables() -> list[str]:
+    """Names of the published reference tables shipped in pipeline_lib/references (file stems)."""
+    root = resources.files("pipeline_lib") / "references"
+    return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".csv"))
+
+
+class GateRule(StrictModel):
+    """How one metric may move before the gate calls it a regression.
+
+    A move against `direction` larger than max(abs_tol, rel_tol * |baseline|) is a
+    regression; the same move in the good direction is reported as an improvement.
+    """
+
+    direction: Literal["higher", "lower", "ignore"] = "higher"   # which way is better
+    abs_tol: float = Field(default=0.0, ge=0)   # in the metric's unit (points for accuracies)
+    rel_tol: float = Field(default=0.0, ge=0)   # fraction of |baseline|
+
+    def allowed(self, baseline: float) -> float:
+        return max(self.abs_tol, self.rel_tol * abs(baseline))
+
+
+class GateParams(StrictModel):
+    default: GateRule = GateRule(abs_tol=5.0)
+    metrics: dict[str, GateRule] = Field(default_factory=dict)   # per-metric overrides of `default`
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, GateRule]) -> dict[str, GateRule]:
+        unknown = sorted(set(v) - set(GATE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(GATE_METRICS)}")
+        return v
+
+    def rule(self, metric: str) -> GateRule:
+        return self.metrics.get(metric, self.default)
+
+
+class AggregateParams(StrictModel):
+    # Robust accuracy for ARDist, the sweep gaps and the plot: the first of
+    # [robust_metric, *robust_fallback] that the evaluate stage wrote for every model
+    # (NRR always uses AutoAttack and CW themselves, blank where they were not run).
+    robust_metric: RobustMetric = "autoattack"
+    robust_fallback: list[RobustMetric] = Field(default_factory=lambda: ["worst_case", "cw", "pgd"])
+    # ARDist reference points: `own` = this run's models named in reference_models (those
+    # present); `published` = rows of pipeline_lib/references/<published_table>.csv whose
+    # method is in reference_models (and source_id in published_sources, if given).
+    reference: Literal["own", "published"] = "own"
+    reference_models: list[str] = Field(default_factory=lambda: ["standard", "pgd_at", "trades", "mart"],
+                                        min_length=1)
+    published_table: str = "cifar10_wrn34_10"
+    published_sources: list[str] | None = None
+    curve: CurveFamily = "auto"
+    gate: GateParams = GateParams()
+
+    @field_validator("published_table")
+    @classmethod
+    def _known_table(cls, v: str) -> str:
+        tables = reference_tables()
+        if v not in tables:
+            raise ValueError(f"unknown published table {v!r}; shipped: {', '.join(tables) or 'none'}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> AggregateParams:
+        order = [self.robust_metric, *self.robust_fallback]
+        if len(set(order)) != len(order):
+            raise ValueError(f"robust_metric + robust_fallback repeat a metric: {order}")
+        if len(set(self.reference_models)) != len(self.reference_models):
+            raise ValueError(f"reference_models has duplicates: {self.reference_models}")
+        return self
+
+    @property
+    def robust_order(self) -> list[str]:
+        return [self.robust_metric, *self.robust_fallback]

@@ -1,0 +1,65 @@
+"""The `aggregate` stage's work: collect every model's metrics, compute NRR / ARDist / sweep gaps,
+write the table (CSV, Markdown), the summary JSON and the tradeoff plot, and mirror it all to MLflow
+as a parent run `aggregate` with one nested child run per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Params
+from ..tracking import Tracker
+from .metrics_io import collect_metrics
+from .plot import write_tradeoff_plot
+from .summary import NUMERIC_COLUMNS, Summary, build_summary
+from .table import write_csv, write_markdown, write_summary_json
+
+
+@dataclass(frozen=True)
+class AggregateInputs:
+    """Folders of per-model metrics JSON (named in dvc.yaml). corruption may not exist yet."""
+
+    eval_dir: Path
+    train_dir: Path | None = None
+    corruption_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class AggregateOutputs:
+    table_csv: Path
+    table_md: Path
+    summary_json: Path
+    plot_png: Path
+
+
+def objectives(p: Params) -> dict[str, str]:
+    """Model name -> objective (sweeps group instances of one objective); 'standard' is its own."""
+    return {name: spec.objective or name for name, spec in p.method.items()}
+
+
+def run_aggregate(p: Params, inputs: AggregateInputs, outputs: AggregateOutputs) -> Summary:
+    models = collect_metrics(p.evaluate.models, objectives(p), inputs.eval_dir, inputs.train_dir,
+                             inputs.corruption_dir)
+    summary = build_summary(models, p.aggregate, dataset=p.data.dataset, arch=p.model.arch)
+    write_csv(summary, outputs.table_csv)
+    write_markdown(summary, outputs.table_md)
+    write_summary_json(summary, outputs.summary_json)
+    write_tradeoff_plot(summary, outputs.plot_png)
+    _log_mlflow(p, summary, outputs)
+    return summary
+
+
+def _log_mlflow(p: Params, s: Summary, outputs: AggregateOutputs) -> None:
+    """Parent run with the artifacts and sweep gaps; a child per model so the UI lines the models up."""
+    with Tracker(p.mlflow.experiment, "aggregate", tags={"stage": "aggregate", "dvc_stage": "aggregate"}) as tr:
+        tr.log_params({"aggregate": p.aggregate.model_dump(exclude={"gate"}), "models": p.evaluate.models,
+                       "robust_metric_used": s.robust_metric or "per model",
+                       "reference_curve": s.curve.describe() if s.curve else s.curve_error})
+        tr.log_metrics({f"mean_gap.{sw.objective}": sw.mean_gap for sw in s.sweeps if sw.mean_gap is not None})
+        for path in (outputs.table_csv, outputs.table_md, outputs.summary_json, outputs.plot_png):
+            tr.log_artifact(path, artifact_path="aggregate")
+        for row in s.rows:
+            with tr.child(f"aggregate/{row['model']}", tags={"method": row["model"], "objective": row["objective"],
+                                                             "role": row["role"]}) as child:
+                child.log_params({"objective": row["objective"], "robust_metric": row["robust_metric"]})
+                child.log_metrics({c: row[c] for c in NUMERIC_COLUMNS if row[c] is not None})

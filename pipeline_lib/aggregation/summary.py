@@ -1,0 +1,190 @@
+"""From per-model metrics to the comparison: robust metric choice, NRR, ARDist, sweep mean gaps.
+
+Pure computation (no files): `build_summary` returns a `Summary` that table.py,
+plot.py and the MLflow logging all read, so the three always show the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ardist import mean_gap, signed_distance
+from .config import AggregateParams
+from .curve import CurveFitError, TradeoffCurve, fit_tradeoff_curve
+from .metrics_io import EVAL_KEYS, ModelMetrics
+from .nrr import nrr
+from .references import ReferencePoint, own_points, published_points
+
+log = logging.getLogger(__name__)
+
+# Per-model numeric columns, in table order (all accuracies in percent).
+NUMERIC_COLUMNS: tuple[str, ...] = (*EVAL_KEYS, "robust", "nrr_aa", "nrr_cw", "ardist", "corruption",
+                                    "train_time_s")
+ROBUST_LABELS = {"autoattack": "AutoAttack", "worst_case": "worst case over attacks", "cw": "CW",
+                 "pgd": "PGD", "fgsm": "FGSM"}
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    objective: str
+    models: list[str]
+    curve: TradeoffCurve | None
+    mean_gap: float | None
+    overlap: tuple[float, float] | None
+    reason: str | None = None        # why the gap is blank
+
+
+@dataclass
+class Summary:
+    rows: list[dict[str, Any]]                 # one per model: model, objective, role, NUMERIC_COLUMNS, robust_metric
+    robust_metric: str | None                  # the run-wide robust metric, None if models differ
+    reference_mode: str
+    reference_points: list[ReferencePoint]
+    curve: TradeoffCurve | None
+    curve_error: str | None
+    sweeps: list[SweepResult]
+    context: dict[str, Any]                    # dataset, arch, eps, n_eval, pgd_steps: what the numbers mean
+    notes: list[str] = field(default_factory=list)
+
+    def pgd_label(self) -> str:
+        steps = self.context.get("pgd_steps")
+        return f"PGD-{steps}" if isinstance(steps, int) else "PGD"
+
+    def metric_label(self, metric: str) -> str:
+        return self.pgd_label() if metric == "pgd" else ROBUST_LABELS[metric]
+
+    def robust_label(self) -> str:
+        return "best available per model" if self.robust_metric is None else self.metric_label(self.robust_metric)
+
+
+def choose_robust_metric(models: Sequence[ModelMetrics], order: Sequence[str]) -> dict[str, str | None]:
+    """Robust metric per model: the first of `order` that every model has, so that all points
+    are comparable; if none is shared, each model's own first available one (None if none)."""
+    shared = next((m for m in order if all(m in mm.acc for mm in models)), None)
+    if shared is not None:
+        return {mm.name: shared for mm in models}
+    return {mm.name: next((m for m in order if m in mm.acc), None) for mm in models}
+
+
+def _context(models: Sequence[ModelMetrics], dataset: str | None, arch: str | None) -> dict[str, Any]:
+    """What the numbers mean; a per-model mapping where the models disagree (e.g. different n_eval)."""
+    ctx: dict[str, Any] = {"dataset": dataset, "arch": arch}
+    for key in ("eps", "n_eval", "pgd_steps"):
+        values = {mm.name: getattr(mm, key) for mm in models}
+        distinct = set(values.values())
+        ctx[key] = distinct.pop() if len(distinct) == 1 else values
+    return ctx
+
+
+def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, Mapping[str, Any]],
+                reference: TradeoffCurve | None, family: str) -> list[SweepResult]:
+    """One SweepResult per objective with 2+ instances (a knob swept), in first-appearance order."""
+    groups: dict[str, list[str]] = {}
+    for mm in models:
+        groups.setdefault(mm.objective, []).append(mm.name)
+    out = []
+    for objective, names in groups.items():
+        if len(names) < 2:
+            continue
+        pts = [(rows[n]["clean"], rows[n]["robust"]) for n in names if rows[n]["robust"] is not None]
+        try:
+            curve = fit_tradeoff_curve([p[0] for p in pts], [p[1] for p in pts], family)  # type: ignore[arg-type]
+        except CurveFitError as exc:
+            out.append(SweepResult(objective, names, None, None, None, f"no sweep curve: {exc}"))
+            continue
+        if reference is None:
+            out.append(SweepResult(objective, names, curve, None, None, "no reference curve"))
+            continue
+        gap = mean_gap(curve, reference)
+        lo, hi = max(curve.x_min, reference.x_min), min(curve.x_max, reference.x_max)
+        out.append(SweepResult(objective, names, curve, gap, (lo, hi) if gap is not None else None,
+                               None if gap is not None else
+                               f"standard-accuracy ranges do not overlap (sweep [{curve.x_min:.2f}, "
+                               f"{curve.x_max:.2f}], reference [{reference.x_min:.2f}, {reference.x_max:.2f}])"))
+    return out
+
+
+def _model_row(mm: ModelMetrics, metric: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": mm.name, "objective": mm.objective, **{c: mm.acc.get(c) for c in EVAL_KEYS},
+                           "robust": mm.acc.get(metric) if metric else None, "robust_metric": metric,
+                           "corruption": mm.corruption, "train_time_s": mm.train_time_s}
+    row["nrr_aa"] = nrr(row["clean"], row["autoattack"]) if row["autoattack"] is not None else None
+    row["nrr_cw"] = nrr(row["clean"], row["cw"]) if row["cw"] is not None else None
+    return row
+
+
+def _reference_points(ap: AggregateParams, rows: Mapping[str, Mapping[str, Any]], run_metric: str | None,
+                      dataset: str | None, arch: str | None, notes: list[str]) -> list[ReferencePoint]:
+    """The points the reference curve goes through; appends a note when they are not comparable to the run."""
+    if ap.reference == "own":
+        return own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
+                          {n: r["robust"] for n, r in rows.items()})
+    points = published_points(ap.published_table, ap.reference_models, ap.published_sources)
+    if run_metric != "autoattack":
+        notes.append(f"the published reference points are AutoAttack accuracies but this run compares on "
+                     f"{run_metric or 'mixed metrics'}: ARDist mixes attacks")
+    mismatched = sorted({f"{p.dataset}/{p.arch}" for p in points} - {f"{dataset}/{arch}"})
+    if mismatched:
+        notes.append(f"published reference points are for {', '.join(mismatched)}, this run is "
+                     f"{dataset}/{arch}: ARDist compares across setups")
+    return points
+
+
+def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: str | None = None,
+                  arch: str | None = None) -> Summary:
+    """Rows with NRR and ARDist, the reference curve and sweep gaps for `models` under params `ap`."""
+    notes: list[str] = []
+    choice = choose_robust_metric(models, ap.robust_order)
+    distinct = set(choice.values())
+    run_metric = next(iter(distinct)) if len(distinct) == 1 else None
+    if run_metric is None:
+        notes.append("models differ in the attacks evaluated, so the robust accuracy differs per model "
+                     f"(column robust_metric): {choice}")
+    elif run_metric != ap.robust_metric:
+        lacking = [mm.name for mm in models if ap.robust_metric not in mm.acc]
+        notes.append(f"robust accuracy is {run_metric}, not {ap.robust_metric}: {ap.robust_metric} is missing "
+                     f"for {', '.join(lacking)}")
+    rows = {mm.name: _model_row(mm, choice[mm.name]) for mm in models}
+
+    points = _reference_points(ap, rows, run_metric, dataset, arch, notes)
+    curve: TradeoffCurve | None = None
+    curve_error: str | None = None
+    try:
+        curve = fit_tradeoff_curve([p.standard for p in points], [p.robust for p in points], ap.curve)
+    except CurveFitError as exc:
+        curve_error = (f"ARDist not computed: {exc} (reference={ap.reference}, "
+                       f"reference_models={ap.reference_models})")
+        notes.append(curve_error)
+
+    if curve is not None and not curve.is_non_increasing():
+        notes.append(f"the reference points show no tradeoff (robust accuracy rises with clean accuracy: "
+                     f"{curve.describe()}); ARDist then measures the distance to that rising curve")
+    ref_names = {p.method for p in points} if ap.reference == "own" else set()
+    for n, row in rows.items():
+        row["role"] = "reference" if n in ref_names else "method"
+        row["ardist"] = (signed_distance(curve, row["clean"], row["robust"])
+                         if curve is not None and row["robust"] is not None else None)
+
+    sweeps = _fit_sweeps(models, rows, curve, ap.curve)
+    for note in notes:
+        log.warning("%s", note)
+    ordered = [{k: rows[mm.name][k] for k in ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric")}
+               for mm in models]
+    return Summary(rows=ordered, robust_metric=run_metric, reference_mode=ap.reference, reference_points=points,
+                   curve=curve, curve_error=curve_error, sweeps=sweeps, context=_context(models, dataset, arch),
+                   notes=notes)
+
+
+def summary_metrics(s: Summary) -> dict[str, Any]:
+    """The JSON the stage writes as its DVC metrics file, which the gate also reads (and a baseline copies):
+    {"models": {model: {metric: value}}, "sweeps": {objective: {"mean_gap": value}}, "context": {...}}.
+    Blank metrics are left out (absent, not null), so a metric that vanishes is visible to the gate.
+    Rounded to 1e-4 points: the evaluate stage's float32 fractions carry noise below that (0.36000001)."""
+    models = {r["model"]: {c: round(float(r[c]), 4) for c in NUMERIC_COLUMNS if r[c] is not None} for r in s.rows}
+    sweeps = {sw.objective: {"mean_gap": round(sw.mean_gap, 4)} for sw in s.sweeps if sw.mean_gap is not None}
+    ctx = {**s.context, "robust_metric": s.robust_metric or {r["model"]: r["robust_metric"] for r in s.rows},
+           "reference": s.reference_mode}
+    return {"models": models, "sweeps": sweeps, "context": ctx}

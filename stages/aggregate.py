@@ -1,0 +1,77 @@
+"""`arpipe aggregate` (the DVC stage) and `arpipe gate` (the CI metric-regression check)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, failed, load_metrics, render,
+                                           write_baseline)
+from pipeline_lib.aggregation.job import AggregateInputs, AggregateOutputs, run_aggregate
+from pipeline_lib.aggregation.metrics_io import MetricsError
+from pipeline_lib.aggregation.references import published_points
+
+from .common import PARAMS_OPTION, console, fail, load_or_exit
+
+
+def aggregate(
+    eval_dir: Path = typer.Option(..., help="folder of evaluate-stage metrics, <model>.json"),
+    train_dir: Path | None = typer.Option(None, help="folder of training metrics, <model>.json (train time)"),
+    corruption_dir: Path | None = typer.Option(None, help="folder of corruption metrics, <model>.json; blanks if absent"),
+    table: Path = typer.Option(..., help="comparison table CSV to write (also DVC plot data)"),
+    markdown: Path = typer.Option(..., help="comparison table Markdown to write"),
+    summary: Path = typer.Option(..., help="summary metrics JSON to write (DVC metrics, gate input)"),
+    plot: Path = typer.Option(..., help="accuracy-robustness tradeoff PNG to write"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Compare every evaluated model: NRR, ARDist, sweep mean gaps, table, tradeoff plot, MLflow runs."""
+    p = load_or_exit(params)
+    try:
+        if p.aggregate.reference == "published":   # a broken shipped table should fail before any work
+            published_points(p.aggregate.published_table, p.aggregate.reference_models, p.aggregate.published_sources)
+        s = run_aggregate(p, AggregateInputs(eval_dir, train_dir, corruption_dir),
+                          AggregateOutputs(table, markdown, summary, plot))
+    except (MetricsError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    for row in s.rows:
+        shown = {k: row[k] for k in ("clean", "robust", "ardist") if row[k] is not None}
+        console.print(f"aggregate: {row['model']:<14} " + "  ".join(f"{k}={v:.2f}" for k, v in shown.items()))
+    console.print(f"aggregate: robust metric {s.robust_label()}; wrote {table}, {markdown}, {summary}, {plot}")
+
+
+def gate(
+    baseline: Path = typer.Option(..., help="committed baseline summary JSON, e.g. baselines/ci.json"),
+    current: Path = typer.Option(..., help="current aggregate summary JSON (or summary CSV)"),
+    params: Path = PARAMS_OPTION,
+    show_all: bool = typer.Option(False, "--all", help="list unchanged metrics too"),
+    update: bool = typer.Option(False, "--update", help="write the current metrics as the new baseline"),
+    profile: str | None = typer.Option(None, help="profile name recorded in the baseline on --update"),
+) -> None:
+    """Fail (exit 1) when a metric regressed beyond its tolerance or disappeared; exit 2 on bad input."""
+    p = load_or_exit(params)
+    out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs are not terminals: do not wrap at 80
+    try:
+        cur = load_metrics(current)
+        if update:
+            write_baseline(cur, baseline, profile, current)
+            out.print(f"wrote baseline {baseline} from {current}")
+            return
+        base = load_metrics(baseline)
+        check_context(base, cur)
+    except GateInputError as exc:
+        raise fail(str(exc)) from None
+    rows = compare(base, cur, p.aggregate.gate)
+    table = render(rows, show_all)
+    out.print(table if table.row_count else "no metric moved")
+    counts = {s: sum(r.status == s for r in rows) for s in ("ok", "improved", "regressed", "missing", "new", "ignored")}
+    out.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (of {len(rows)} metrics)")
+    if counts["improved"]:
+        out.print(f"[cyan]improvements beyond tolerance: if intended, refresh the baseline with[/] "
+                  f"arpipe gate --update --baseline {baseline} --current {current}")
+    if failed(rows):
+        out.print("[bold red]gate FAILED[/]: metrics regressed or disappeared (see table)")
+        raise typer.Exit(1)
+    out.print("[green]gate passed[/]")

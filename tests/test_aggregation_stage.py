@@ -1,0 +1,165 @@
+"""`arpipe aggregate` on a tmp dir of synthetic metrics: outputs, one row per model, blanks for
+attacks / corruption metrics that do not exist, hand-checked NRR / ARDist / mean gap, MLflow runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stages.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+# Fractions, as the evaluate stage writes them. Only pgd_at_b has AutoAttack and only pgd_at has CW,
+# so the shared robust metric is PGD. Reference line (own: standard, pgd_at): robust = -4 clean + 360.
+EVAL = {
+    "standard": {"clean_acc": 0.90, "pgd_acc": 0.0},
+    "pgd_at": {"clean_acc": 0.80, "pgd_acc": 0.40, "cw_acc": 0.38},
+    "pgd_at_b": {"clean_acc": 0.85, "pgd_acc": 0.25, "autoattack_acc": 0.20},
+}
+
+
+def write_params(tmp_path: Path, **aggregate: Any) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["finetune"]["methods"] = ["pgd_at", "pgd_at_b"]
+    raw["method"]["pgd_at_b"] = {"objective": "pgd_at"}        # a second pgd_at instance: a sweep of 2
+    raw["evaluate"]["models"] = ["standard", "pgd_at", "pgd_at_b"]
+    raw["aggregate"] = {**raw.get("aggregate", {}), **aggregate}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    for sub in ("eval", "train", "corruption"):
+        (tmp_path / sub).mkdir()
+    for name, metrics in EVAL.items():
+        (tmp_path / "eval" / f"{name}.json").write_text(
+            json.dumps({**metrics, "pgd_steps": 20, "n_eval": 500, "eps": 0.1}))
+    (tmp_path / "train" / "pgd_at.json").write_text(json.dumps({"train_time_s": 12.5, "val_clean_acc": 0.8}))
+    (tmp_path / "corruption" / "standard.json").write_text(json.dumps({"mean_corruption_acc": 0.7}))
+    return tmp_path
+
+
+def run_aggregate(d: Path, params: Path, corruption: str = "corruption"):
+    out = d / "out"
+    result = runner.invoke(app, [
+        "aggregate", "--eval-dir", str(d / "eval"), "--train-dir", str(d / "train"),
+        "--corruption-dir", str(d / corruption), "--table", str(out / "summary.csv"),
+        "--markdown", str(out / "summary.md"), "--summary", str(out / "summary.json"),
+        "--plot", str(out / "tradeoff.png"), "--params", str(params)])
+    return result, out
+
+
+def test_writes_table_markdown_summary_and_plot(workdir: Path) -> None:
+    result, out = run_aggregate(workdir, write_params(workdir))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "summary.csv").set_index("model")
+    assert list(table.index) == ["standard", "pgd_at", "pgd_at_b"]             # a row per model, in order
+    assert (table["robust_metric"] == "pgd").all()
+    assert table.loc["pgd_at_b", "clean"] == pytest.approx(85.0)
+    # NRR only where the attack exists; the rest are blanks, not zeros.
+    assert table.loc["pgd_at_b", "nrr_aa"] == pytest.approx(2 * 85 * 20 / 105, abs=1e-3)
+    assert table.loc["pgd_at", "nrr_cw"] == pytest.approx(2 * 80 * 38 / 118, abs=1e-3)
+    assert math.isnan(table.loc["standard", "nrr_aa"]) and math.isnan(table.loc["pgd_at", "autoattack"])
+    assert table["fgsm"].isna().all()
+    # References lie on their own line; pgd_at_b is 5 points above it -> 5 / sqrt(17).
+    assert table.loc["standard", "ardist"] == pytest.approx(0.0, abs=1e-6)
+    assert table.loc["pgd_at_b", "ardist"] == pytest.approx(5 / math.sqrt(17), abs=1e-3)
+    assert table.loc["standard", "corruption"] == pytest.approx(70.0)
+    assert math.isnan(table.loc["pgd_at", "corruption"])
+    assert table.loc["pgd_at", "train_time_s"] == pytest.approx(12.5)
+
+    md = (out / "summary.md").read_text()
+    assert all(f"| {m}" in md for m in EVAL) and "PGD-20" in md and "–" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert "autoattack" not in summary["models"]["standard"]              # blank = absent
+    # Sweep pgd_at = {pgd_at (80, 40), pgd_at_b (85, 25)}: robust = -3 x + 280, gap x - 80 on [80, 85] -> 2.5.
+    assert summary["sweeps"]["pgd_at"]["mean_gap"] == pytest.approx(2.5, abs=1e-6)
+    assert summary["context"]["robust_metric"] == "pgd" and summary["context"]["n_eval"] == 500
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_corruption_folder_gives_blanks(workdir: Path) -> None:
+    result, out = run_aggregate(workdir, write_params(workdir), corruption="not_there")
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out / "summary.csv")["corruption"].isna().all()
+
+
+def test_autoattack_is_used_when_every_model_has_it(workdir: Path) -> None:
+    for name in EVAL:
+        path = workdir / "eval" / f"{name}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "autoattack_acc": 0.1}))
+    result, out = run_aggregate(workdir, write_params(workdir))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "summary.csv")
+    assert (table["robust_metric"] == "autoattack").all() and list(table["robust"]) == pytest.approx([10.0] * 3)
+
+
+def test_too_few_reference_points_leave_ardist_blank_and_say_why(workdir: Path) -> None:
+    result, out = run_aggregate(workdir, write_params(workdir, reference_models=["standard"]))
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out / "summary.csv")["ardist"].isna().all()
+    assert "ARDist not computed" in (out / "summary.md").read_text()
+
+
+def test_published_reference_uses_the_shipped_table(workdir: Path) -> None:
+    result, out = run_aggregate(workdir, write_params(workdir, reference="published",
+                                                      reference_models=["standard", "pgd_at", "trades"],
+                                                      published_sources=["ar_at_t3", "arrest"]))
+    assert result.exit_code == 0, result.output
+    md = (out / "summary.md").read_text()
+    assert "AR-AT" in md and "86.06" in md                 # the cited rows are listed with their source
+    assert "compares across setups" in md                  # fashion_mnist vs the CIFAR-10 table
+    assert not pd.read_csv(out / "summary.csv")["ardist"].isna().any()
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("no_eval", "pgd_at_b"), ("fraction", "not an accuracy fraction"), ("no_clean", "no clean_acc")])
+def test_bad_metrics_exit_2_naming_the_problem(workdir: Path, problem: str, match: str) -> None:
+    path = workdir / "eval" / "pgd_at_b.json"
+    if problem == "no_eval":
+        path.unlink()
+    elif problem == "fraction":
+        path.write_text(json.dumps({"clean_acc": 85.0, "pgd_acc": 0.25}))   # percent where a fraction belongs
+    else:
+        path.write_text(json.dumps({"pgd_acc": 0.25}))
+    result, _ = run_aggregate(workdir, write_params(workdir))
+    assert result.exit_code == 2
+    assert match in result.output.replace("\n", " ")
+
+
+def test_unknown_params_are_rejected(tmp_path: Path) -> None:
+    from pipeline_lib.config import ParamsError, load_params
+
+    with pytest.raises(ParamsError, match="published_table"):
+        load_params(write_params(tmp_path, published_table="imagenet_vit"))
+    with pytest.raises(ParamsError, match="unknown metric"):
+        load_params(write_params(tmp_path, gate={"metrics": {"clean_acc": {"abs_tol": 1.0}}}))
+
+
+def test_mlflow_parent_with_a_child_per_model(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.setenv("ARPIPE_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    monkeypatch.chdir(workdir)   # artifacts land under ./mlartifacts of the tmp dir
+    result, _ = run_aggregate(workdir, write_params(workdir))
+    assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["arpipe"], output_format="list")
+    parent = [r for r in runs if r.info.run_name == "aggregate"]
+    assert len(parent) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert set(children) == {f"aggregate/{m}" for m in EVAL}
+    assert children["aggregate/pgd_at_b"].data.metrics["ardist"] == pytest.approx(5 / math.sqrt(17), abs=1e-3)
+    assert parent[0].data.metrics["mean_gap.pgd_at"] == pytest.approx(2.5, abs=1e-6)

@@ -1,0 +1,190 @@
+"""`arpipe gate`: passes within tolerance, fails on a planted regression and on a missing metric,
+exit 2 on bad input, and --update writes a baseline the gate then accepts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline_lib.aggregation.config import GateParams, GateRule
+from pipeline_lib.aggregation.gate import compare, failed
+from stages.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+runner = CliRunner()
+
+BASELINE: dict[str, Any] = {
+    "models": {
+        "standard": {"clean": 87.0, "pgd": 0.0, "robust": 0.0, "ardist": 0.0, "train_time_s": 10.0},
+        "pgd_at": {"clean": 78.0, "pgd": 57.0, "robust": 57.0, "nrr_cw": 60.0, "ardist": 0.0, "train_time_s": 30.0},
+    },
+    "sweeps": {"arrest": {"mean_gap": 1.5}},
+    "context": {"dataset": "fashion_mnist", "arch": "small_cnn", "eps": 0.1, "n_eval": 100, "pgd_steps": 5,
+                "robust_metric": "pgd", "reference": "own"},
+}
+# Tolerance used throughout: 3 points for accuracies, times not gated.
+GATE = {"default": {"direction": "higher", "abs_tol": 3.0}, "metrics": {"train_time_s": {"direction": "ignore"}}}
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["aggregate"] = {**raw.get("aggregate", {}), "gate": GATE}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(BASELINE))
+    return {"params": params, "baseline": baseline, "current": tmp_path / "current.json"}
+
+
+def run_gate(files: dict[str, Path], current: dict[str, Any] | None, *extra: str):
+    if current is not None:
+        files["current"].write_text(json.dumps(current))
+    return runner.invoke(app, ["gate", "--baseline", str(files["baseline"]), "--current", str(files["current"]),
+                               "--params", str(files["params"]), *extra])
+
+
+def changed(**moves: float) -> dict[str, Any]:
+    """BASELINE with 'model.metric' (or 'sweep.objective.metric') values replaced."""
+    doc = copy.deepcopy(BASELINE)
+    for key, value in moves.items():
+        parts = key.split("__")
+        block = doc["sweeps"] if parts[0] == "sweep" else doc["models"]
+        name, metric = parts[-2], parts[-1]
+        block[name][metric] = value
+    return doc
+
+
+def test_identical_metrics_pass(files) -> None:
+    result = run_gate(files, BASELINE)
+    assert result.exit_code == 0, result.output
+    assert "gate passed" in result.output
+
+
+def test_moves_within_tolerance_pass(files) -> None:
+    # -2.9 points on clean, -3.0 exactly on pgd (the tolerance itself), train time x10 (ignored).
+    result = run_gate(files, changed(pgd_at__clean=75.1, pgd_at__pgd=54.0, standard__train_time_s=100.0))
+    assert result.exit_code == 0, result.output
+    assert "REGRESSED" not in result.output
+
+
+def test_planted_regression_fails(files) -> None:
+    result = run_gate(files, changed(pgd_at__pgd=50.0))          # -7 points, tolerance 3
+    assert result.exit_code == 1, result.output
+    assert "REGRESSED" in result.output and "gate FAILED" in result.output
+    assert "-7.000" in result.output
+
+
+def test_sweep_gap_regression_fails(files) -> None:
+    assert run_gate(files, changed(sweep__arrest__mean_gap=-2.0)).exit_code == 1
+
+
+def test_missing_metric_fails(files) -> None:
+    current = copy.deepcopy(BASELINE)
+    del current["models"]["pgd_at"]["nrr_cw"]
+    result = run_gate(files, current)
+    assert result.exit_code == 1, result.output
+    assert "MISSING" in result.output
+
+
+def test_missing_model_fails(files) -> None:
+    current = copy.deepcopy(BASELINE)
+    del current["models"]["pgd_at"]
+    assert run_gate(files, current).exit_code == 1
+
+
+def test_improvement_passes_with_refresh_hint(files) -> None:
+    result = run_gate(files, changed(pgd_at__pgd=65.0))
+    assert result.exit_code == 0, result.output
+    assert "improved" in result.output and "--update" in result.output
+
+
+def test_new_metric_is_reported_not_failed(files) -> None:
+    current = copy.deepcopy(BASELINE)
+    current["models"]["pgd_at"]["autoattack"] = 40.0
+    result = run_gate(files, current)
+    assert result.exit_code == 0 and "new" in result.output
+
+
+@pytest.mark.parametrize("case", ["no_baseline", "bad_json", "not_summary", "other_profile", "bad_value"])
+def test_bad_input_exits_2(files, case: str) -> None:
+    current: dict[str, Any] | None = BASELINE
+    if case == "no_baseline":
+        files["baseline"].unlink()
+    elif case == "bad_json":
+        files["current"].write_text("{not json")
+        current = None
+    elif case == "not_summary":
+        current = {"clean_acc": 0.9}
+    elif case == "other_profile":   # a 500-image run against the 100-image baseline: wrong baseline
+        current = copy.deepcopy(BASELINE)
+        current["context"]["n_eval"] = 500
+    elif case == "bad_value":
+        current = changed(pgd_at__clean="high")  # type: ignore[arg-type]
+    result = run_gate(files, current)
+    assert result.exit_code == 2, result.output
+
+
+def test_update_writes_a_baseline_the_gate_accepts(files, tmp_path: Path) -> None:
+    new_baseline = tmp_path / "baselines" / "ci.json"
+    files["current"].write_text(json.dumps(changed(pgd_at__pgd=40.0)))
+    result = runner.invoke(app, ["gate", "--update", "--profile", "ci", "--baseline", str(new_baseline),
+                                 "--current", str(files["current"]), "--params", str(files["params"])])
+    assert result.exit_code == 0, result.output
+    written = json.loads(new_baseline.read_text())
+    assert written["models"]["pgd_at"]["pgd"] == 40.0 and written["baseline"]["profile"] == "ci"
+    # The old baseline would call this a regression; the refreshed one does not.
+    assert run_gate(files, None).exit_code == 1
+    files["baseline"] = new_baseline
+    assert run_gate(files, None).exit_code == 0
+
+
+def test_csv_current_is_accepted(files) -> None:
+    csv = files["current"].with_suffix(".csv")
+    csv.write_text("model,objective,clean,pgd,robust,ardist,nrr_cw,train_time_s,robust_metric\n"
+                   "standard,standard,87.0,0.0,0.0,0.0,,10.0,pgd\n"
+                   "pgd_at,pgd_at,78.0,50.0,50.0,0.0,60.0,30.0,pgd\n")
+    files["current"] = csv
+    # The CSV carries no sweeps: the arrest mean gap counts as missing, and pgd_at's pgd regressed.
+    result = run_gate(files, None, "--all")
+    assert result.exit_code == 1
+    assert "MISSING" in result.output and "REGRESSED" in result.output
+
+
+def test_lower_is_better_with_relative_tolerance() -> None:
+    gate = GateParams(default=GateRule(abs_tol=1.0),
+                      metrics={"train_time_s": GateRule(direction="lower", rel_tol=0.5)})
+    base = {"models": {"m": {"train_time_s": 10.0, "clean": 80.0}}, "sweeps": {}}
+    slower = {"models": {"m": {"train_time_s": 16.0, "clean": 80.0}}, "sweeps": {}}   # +60 % > 50 %
+    ok = {"models": {"m": {"train_time_s": 14.0, "clean": 79.5}}, "sweeps": {}}       # +40 %, -0.5 points
+    faster = {"models": {"m": {"train_time_s": 2.0, "clean": 80.0}}, "sweeps": {}}
+    assert failed(compare(base, slower, gate))
+    assert not failed(compare(base, ok, gate))
+    statuses = {r.metric: r.status for r in compare(base, faster, gate)}
+    assert statuses == {"train_time_s": "improved", "clean": "ok"}
+
+
+def test_unknown_metric_in_gate_params_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown metric"):
+        GateParams(metrics={"clean_acc": GateRule()})
+
+
+def test_committed_ci_baseline_matches_the_ci_profile() -> None:
+    """baselines/ci.json must be regenerated when the ci profile's models or evaluation change."""
+    from pipeline_lib.aggregation.gate import load_metrics
+    from pipeline_lib.config import parse_params
+    from pipeline_lib.profiles import compose
+
+    doc = load_metrics(REPO / "baselines" / "ci.json")
+    p = parse_params(compose(yaml.safe_load((REPO / "params.yaml").read_text()), ["ci"], REPO / "conf" / "profile"))
+    assert set(doc["models"]) == set(p.evaluate.models)
+    assert doc["context"]["n_eval"] == p.evaluate.n_eval
+    assert doc["context"]["pgd_steps"] == p.evaluate.pgd.steps
+    assert doc["context"]["eps"] == p.threat.eps and doc["context"]["dataset"] == p.data.dataset
