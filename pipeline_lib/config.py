@@ -9,25 +9,73 @@ DVC can depend on exactly the keys a stage reads.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .aggregation.config import AggregateParams
+from .corruption.config import CorruptionParams
 from .data.spec import SPECS
+from .evaluation.config import EvaluateParams, PGDEvalParams  # noqa: F401 - the evaluate section
 from .schema import StrictModel
 
 Fraction = float
 
 
 class RuntimeParams(StrictModel):
-    """How to run, not what to compute: not a DVC dependency of any stage."""
+    """How to run, not what to compute: not a DVC dependency of any stage (docs/gpu.md).
+
+    Everything here falls back cleanly on a CPU: bf16 autocast runs (slowly) on CPU,
+    channels_last and the pinned loader are plain CPU code paths, and several processes
+    use the gloo backend.
+    """
 
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     deterministic: bool = True      # deterministic kernels (see runtime.configure_determinism)
     num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = torch default
     progress: bool = True           # progress bars
+    # -- GPU fast paths --------------------------------------------------------------------
+    amp: Literal["none", "bf16"] = "none"   # bf16 autocast over the training loss, attack included (runtime.autocast)
+    channels_last: bool = False             # NHWC model weights and batches (tensor-core convolutions)
+    # device: the uint8 dataset lives on the training device, batches are sliced and augmented
+    # there (default; fastest while it fits). pinned: it stays in host memory; worker processes
+    # gather each batch, which is pinned and copied asynchronously (datasets too big for the device).
+    loader: Literal["device", "pinned"] = "device"
+    num_workers: int = Field(default=2, ge=0)   # loader: pinned only; 0 = gather in the main process
+    # -- several processes (torch.distributed; the training stages relaunch under torchrun) --
+    nproc_per_node: int = Field(default=1, ge=1)    # processes per machine: one per GPU
+    nnodes: int = Field(default=1, ge=1)            # machines; each runs the same stage command
+    rdzv_endpoint: str = "localhost:29400"          # host:port of the c10d rendezvous (nnodes > 1)
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on CUDA, gloo on CPU
+    sync_bn: bool = True            # BatchNorm statistics of the global batch (false: each process its shard's)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if not re.fullmatch(r"[^\s:]+:\d{1,5}", v):
+            raise ValueError(f"rdzv_endpoint must be host:port, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_gpu_per_process(self) -> RuntimeParams:
+        if self.nproc_per_node > 1 and self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r} would put all {self.nproc_per_node} processes on one GPU; "
+                             "use device: auto or cuda (process i takes GPU i)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
 
 class DataParams(StrictModel):
@@ -155,20 +203,6 @@ class FinetuneParams(StrictModel):
     optim: OptimParams          # defaults each method's `optim` overrides key by key
 
 
-class PGDEvalParams(StrictModel):
-    steps: int = Field(default=20, ge=1)
-    step_size: float = Field(gt=0, le=1)
-    restarts: int = Field(default=1, ge=1)
-
-
-class EvaluateParams(StrictModel):
-    models: list[str] = Field(min_length=1)   # 'standard' (the pretrained model) and finetune instances
-    n_eval: int = Field(ge=1)
-    batch_size: int = Field(default=500, ge=1)
-    seed: int = 0
-    pgd: PGDEvalParams
-
-
 class MlflowParams(StrictModel):
     experiment: str = "arpipe"
 
@@ -183,8 +217,8 @@ class Params(StrictModel):
     finetune: FinetuneParams
     method: dict[str, MethodSpec]
     evaluate: EvaluateParams
-    # corruption: <section model from pipeline_lib.corruption> (corruption robustness)
-    # aggregate: <section model from pipeline_lib.aggregation> (aggregation and regression gate)
+    corruption: CorruptionParams    # corruption robustness (corrupt / corruption stages)
+    aggregate: AggregateParams = AggregateParams()   # aggregation and regression gate
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")
@@ -206,12 +240,28 @@ class Params(StrictModel):
                 OBJECTIVES.get(objective).Params.model_validate(spec.params)
             except ValidationError as exc:
                 raise ValueError(f"method.{name}.params: {_format_errors(exc)}") from None
-            self.resolve(name)  # validates the merged optim / attack settings
+            try:
+                resolved = self.resolve(name)  # validates the merged optim / attack settings
+            except ValidationError as exc:
+                raise ValueError(f"method.{name} (merged with finetune.optim and threat): "
+                                 f"{_format_errors(exc)}") from None
+            self._check_batch_size(f"method.{name}.optim", resolved.optim.batch_size)
+        self._check_batch_size("pretrain.optim", self.pretrain.optim.batch_size)
+        test_size = SPECS[self.data.dataset].test_size
+        if self.evaluate.n_eval > test_size:
+            raise ValueError(f"evaluate.n_eval={self.evaluate.n_eval} exceeds the {test_size} test images "
+                             f"of {self.data.dataset}")
         for name in self.evaluate.models:
             if name != "standard" and name not in self.finetune.methods:
                 raise ValueError(f"evaluate.models lists {name!r}, which is neither 'standard' nor in "
                                  f"finetune.methods {self.finetune.methods}")
         return self
+
+    def _check_batch_size(self, where: str, batch_size: int) -> None:
+        # Training drops the last partial batch: a batch larger than the subset means no step at all.
+        n = self.data.n_train or SPECS[self.data.dataset].train_size
+        if batch_size > n:
+            raise ValueError(f"{where}.batch_size={batch_size} exceeds the {n} training images (data.n_train)")
 
     def resolve(self, name: str) -> ResolvedMethod:
         """The fully merged settings of finetune instance `name`."""
@@ -247,13 +297,13 @@ class ParamsError(ValueError):
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' messages name the key already
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a parameter here)"
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{loc}: {msg}{shown}")
+        lines.append(f"{loc}: {msg}{shown}" if loc else msg)
     return "; ".join(lines)
 
 
@@ -270,6 +320,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, str(path))

@@ -1,20 +1,50 @@
-"""Profiles: named overlays on the default params (conf/profile/<name>.yaml).
+"""Profiles: named overlays on the default params, composed the way DVC's Hydra integration does.
 
-A profile file holds only the keys it changes. Composition is a deep merge
-(mappings merge key by key, everything else - lists included - is replaced),
-the same rule Hydra applies to a `@package _global_` config group, so the
-files work with `dvc exp run -S` + Hydra as well as with `arpipe profile`.
+Layout of conf/ (Hydra's config dir; `.dvc/config` has `hydra.enabled = true`):
+
+    conf/config.yaml            defaults: [base, {profile: null}, _self_]
+    conf/base.yaml              the default params: a verbatim mirror of params.yaml (`sync_base`)
+    conf/profile/<name>.yaml    `# @package _global_` overlays holding only the keys they change;
+                                one may start from parts: `defaults: [_part, ..., _self_]`
+                                (files named `_*.yaml` are parts, not selectable profiles)
+
+Source of truth: **params.yaml** holds the default values (it is what `dvc repro` reads, and
+its comments document every key); conf/base.yaml is generated from it by `arpipe profile
+--sync`, and a test fails when the two drift. With Hydra enabled, `dvc exp run` regenerates
+params.yaml from conf/, so an edit of params.yaml that was not synced would be lost there.
+
+Composition is a deep merge: mappings merge key by key, everything else (lists included)
+is replaced; profiles apply in the order given. Two paths give the same params:
+
+    compose_hydra(names)        Hydra's compose API on conf/, exactly what
+                                `dvc exp run -S 'profile=[a,b]'` writes to params.yaml
+    compose(base, names)        the same merge in plain Python over any base mapping
+                                (e.g. a customised params file), no Hydra involved
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-PROFILE_DIR = Path("conf/profile")
+CONF_DIR = Path("conf")
+PROFILE_DIR = CONF_DIR / "profile"
+BASE_NAME = "base"          # conf/base.yaml, the first entry of conf/config.yaml's defaults list
+PARAMS_FILE = Path("params.yaml")
+SELF = "_self_"
+
+BASE_HEADER = ("# GENERATED from params.yaml by `arpipe profile --sync`: do not edit; edit params.yaml and\n"
+               "# sync. Hydra's default config (conf/config.yaml) for `dvc exp run -S profile=...`.\n")
+# First line of a params.yaml that `arpipe profile NAME` composed (not the hand-edited default).
+COMPOSED_MARK = "# COMPOSED by `arpipe profile"
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be composed (unknown name, bad defaults list, cycle); names it."""
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +58,16 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 
 
 def available(profile_dir: Path = PROFILE_DIR) -> list[str]:
-    return sorted(p.stem for p in profile_dir.glob("*.yaml"))
+    """Selectable profile names (parts, `_*.yaml`, are left out)."""
+    return sorted(p.stem for p in profile_dir.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def describe(name: str, profile_dir: Path = PROFILE_DIR) -> str:
+    """The first comment line of a profile file after its `@package` header (what it is for)."""
+    for line in (profile_dir / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") and "@package" not in line:
+            return line.lstrip("# ").strip()
+    return ""
 
 
 def load_overlay(name: str, profile_dir: Path = PROFILE_DIR) -> dict[str, Any]:
@@ -42,8 +81,94 @@ def load_overlay(name: str, profile_dir: Path = PROFILE_DIR) -> dict[str, Any]:
     return data
 
 
-def compose(base: dict[str, Any], names: list[str], profile_dir: Path = PROFILE_DIR) -> dict[str, Any]:
+def _expanded(name: str, profile_dir: Path, stack: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The overlays profile `name` stands for, in merge order: its parts (its `defaults` list,
+    recursively), with its own keys at the `_self_` position - Hydra's defaults-list rule."""
+    if name in stack:
+        raise ProfileError(f"profile defaults form a cycle: {' -> '.join((*stack, name))}")
+    overlay = load_overlay(name, profile_dir)
+    parts = overlay.pop("defaults", None)
+    if parts is None:
+        return [overlay]
+    path = profile_dir / f"{name}.yaml"
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise ProfileError(f"{path}: `defaults` must be a list of sibling profile names and _self_, got {parts!r}")
+    if SELF not in parts:
+        raise ProfileError(f"{path}: list `_self_` in `defaults` (where the file's own keys apply)")
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        out += [overlay] if part == SELF else _expanded(part, profile_dir, (*stack, name))
+    return out
+
+
+def compose(base: dict[str, Any], names: Sequence[str], profile_dir: Path = PROFILE_DIR) -> dict[str, Any]:
+    """`base` with the profiles applied in order (plain deep merge; same result as Hydra's)."""
     out = base
     for name in names:
-        out = deep_merge(out, load_overlay(name, profile_dir))
+        for overlay in _expanded(name, profile_dir):
+            out = deep_merge(out, overlay)
+    return out
+
+
+def hydra_overrides(names: Sequence[str]) -> list[str]:
+    """The Hydra override selecting `names` from the profile group, as `dvc exp run -S` takes it."""
+    return [f"profile=[{','.join(names)}]"] if names else []
+
+
+def compose_hydra(names: Sequence[str] = (), overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR
+                  ) -> dict[str, Any]:
+    """The params Hydra composes from conf/ with the profiles `names` and extra `overrides`
+    (`key=value`, Hydra's grammar): what `dvc exp run -S ...` writes to params.yaml."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for name in names:   # a clear message before Hydra's own
+        if not (conf_dir / "profile" / f"{name}.yaml").exists():
+            raise KeyError(f"unknown profile {name!r}; available: "
+                           f"{', '.join(available(conf_dir / 'profile')) or 'none'}")
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=[*hydra_overrides(names), *overrides])
+        OmegaConf.resolve(cfg)
+        data = OmegaConf.to_container(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ProfileError(f"Hydra cannot compose {conf_dir} with {list(names)} {list(overrides)}: {exc}") from None
+    assert isinstance(data, dict)
+    return data  # type: ignore[return-value]
+
+
+def dump(params: dict[str, Any]) -> str:
+    """YAML text of composed params, byte for byte what DVC's Hydra integration writes."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(params))
+
+
+def base_text(params_text: str) -> str:
+    """conf/base.yaml's content for a params.yaml text: the header, then the file verbatim."""
+    return BASE_HEADER + params_text
+
+
+def default_text(base_file: Path) -> str:
+    """params.yaml's default text, recovered from its mirror conf/base.yaml (header removed)."""
+    text = base_file.read_text(encoding="utf-8")
+    if not text.startswith(BASE_HEADER):
+        raise ProfileError(f"{base_file} does not start with the generated header; run `arpipe profile --sync`")
+    return text[len(BASE_HEADER):]
+
+
+def drift(a: dict[str, Any], b: dict[str, Any], labels: tuple[str, str] = ("params.yaml", "conf"),
+          prefix: str = "") -> list[str]:
+    """One line per dotted key where two params mappings differ (absent on one side, or another value)."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        where = f"{prefix}{key}"
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += drift(va, vb, labels, where + ".")
+        elif va != vb:
+            out.append(f"{where}: {labels[0]} {va!r}, {labels[1]} {vb!r}")
     return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +34,16 @@ def seed_everything(seed: int) -> None:
 def configure_determinism(deterministic: bool) -> None:
     """Deterministic kernels: bit-identical metrics on a machine at some speed cost on GPU.
 
-    On CPU this changes nothing measurable. On CUDA it disables cuDNN autotuning
-    (benchmark=False) and asks for deterministic algorithms; `deterministic: false`
-    in params turns autotuning on for speed and gives up run-to-run identity.
+    On CPU this changes nothing measurable. On CUDA, `deterministic: true` turns cuDNN
+    autotuning off (benchmark=False: a fixed, not necessarily fastest, convolution algorithm),
+    asks cuDNN for deterministic algorithms only, makes cuBLAS use a fixed workspace and
+    warns on any op without a deterministic implementation (e.g. some scatter/index_add
+    backward kernels): reruns give the same weights bit for bit. `deterministic: false`
+    lets cuDNN benchmark the algorithms per input shape on the first batches and pick the
+    fastest (the usual setting for speed; measure the gain on your GPU), but the chosen
+    algorithms and atomics-based kernels then make runs differ in the last bits, which
+    grows into different weights within an epoch: two such runs agree only statistically
+    (docs/gpu.md).
     """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -46,6 +54,38 @@ def configure_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = False
         torch.use_deterministic_algorithms(False)
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Fail before any work when `runtime.amp` cannot run on `device` (message names both)."""
+    if amp == "none":
+        return
+    if amp != "bf16":
+        raise ValueError(f"runtime.amp={amp!r} is not supported; use 'none' or 'bf16'")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"runtime.amp=bf16: torch has no autocast for device {device}; use amp: none")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"runtime.amp=bf16: {torch.cuda.get_device_name(device)} has no bf16 support "
+                         "(needs compute capability >= 8.0, e.g. A100/H100/RTX 30xx); use amp: none")
+
+
+def autocast(amp: str, device: torch.device) -> AbstractContextManager[Any]:
+    """The mixed-precision context for a training step: bf16 autocast, or nothing (amp='none').
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16). Autocast
+    runs convolutions and matmuls in bf16 and keeps reductions, softmax and losses in fp32;
+    parameters, gradients and optimizer state stay fp32. On CPU torch's CPU autocast is used:
+    correct everywhere, faster only on CPUs with native bf16 (AVX512-BF16 / AMX).
+    """
+    check_amp(amp, device)
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """NHWC (channels_last) lets cuDNN use tensor-core convolution kernels without transposes."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @contextmanager

@@ -51,12 +51,13 @@ class Tracker:
     """Context manager around one MLflow run. Disabled (all calls no-ops) after any failure."""
 
     def __init__(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
-                 enabled: bool = True, root: str | Path = ".") -> None:
+                 enabled: bool = True, root: str | Path = ".", nested: bool = False) -> None:
         self.experiment = experiment
         self.run_name = run_name
         self.tags = {"git_commit": git_commit(root), **(tags or {})}
         self.enabled = enabled and os.environ.get("ARPIPE_MLFLOW", "1") != "0"
         self.root = Path(root)
+        self.nested = nested  # a child of the run active when it starts (see `child`)
         self._mlflow: Any = None
         self.run_id: str | None = None
 
@@ -77,7 +78,7 @@ class Tracker:
                 mlflow.create_experiment(self.experiment,
                                          artifact_location=(self.root.resolve() / "mlartifacts").as_uri())
             mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
+            run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested)
             self._mlflow = mlflow
             self.run_id = run.info.run_id
         except Exception as exc:  # noqa: BLE001 - any failure must only disable logging
@@ -85,11 +86,21 @@ class Tracker:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if self.enabled and self._mlflow is not None:
-            try:
-                self._mlflow.end_run(status="FAILED" if et else "FINISHED")
-            except Exception as exc:  # noqa: BLE001
+        if self._mlflow is None or self.run_id is None:
+            return
+        # End the run even when a logging failure turned logging off: a run left open stays
+        # RUNNING in the UI and stays the active run of this process (the next run would nest in it).
+        try:
+            self._mlflow.end_run(status="FAILED" if et else "FINISHED")
+        except Exception as exc:  # noqa: BLE001
+            if self.enabled:
                 self._fail("end_run", exc)
+
+    def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
+        """A nested run under this one, to enter while this one is active (the UI groups children
+        under their parent). Off whenever this tracker is off, so a failed parent logs nothing more."""
+        return Tracker(self.experiment, run_name, tags={**self.tags, **(tags or {})},
+                       enabled=self.enabled and self._mlflow is not None, root=self.root, nested=True)
 
     def _call(self, what: str, fn_name: str, *args: Any, **kwargs: Any) -> None:
         if not self.enabled or self._mlflow is None:

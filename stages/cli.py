@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, profile, train
+from . import aggregate, corruption, evaluate, profile, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Accuracy-robustness pipeline stages. Normally run by `dvc repro`.")
@@ -19,8 +19,10 @@ app.command("pretrain")(train.pretrain)
 app.command("finetune")(train.finetune)
 app.command("evaluate")(evaluate.evaluate)
 app.command("profile")(profile.profile)
-# corruption commands: app.command("corrupt")(...), app.command("corruption")(...)
-# aggregation commands: app.command("aggregate")(...), app.command("gate")(...)
+app.command("corrupt")(corruption.corrupt)
+app.command("corruption")(corruption.corruption)
+app.command("aggregate")(aggregate.aggregate)
+app.command("gate")(aggregate.gate)
 
 if __name__ == "__main__":
     app()

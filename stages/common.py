@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline_lib.config import Params, ParamsError, load_params
 
@@ -21,10 +22,12 @@ def load_or_exit(path: Path) -> Params:
     try:
         return load_params(path)
     except ParamsError as exc:
-        console.print(f"[bold red]invalid params[/]: {exc}")
+        console.print(f"[bold red]invalid params[/]: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error[/]: {message}")
+    """Print `message` and return the exit-2 exception to raise. The message is printed literally
+    (a list like [standard, pgd_at] is not rich markup) and on one line (grep-able in CI logs)."""
+    console.print(f"[bold red]error[/]: {escape(message)}", soft_wrap=True)
     return typer.Exit(2)

@@ -1,16 +1,33 @@
-"""`arpipe pretrain` and `arpipe finetune METHOD`."""
+"""`arpipe pretrain` and `arpipe finetune METHOD`.
+
+When params ask for several processes (runtime.nproc_per_node x runtime.nnodes > 1), the
+command re-executes itself under torchrun with the same arguments (docs/gpu.md); the
+processes it starts see torchrun's environment and train instead of relaunching.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
-from pipeline_lib.training import TrainOutputs, finetune_job, pretrain_job, run_training
+from pipeline_lib import distributed
+from pipeline_lib.config import Params
+from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained, pretrain_job, run_training
 
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
 STATE_DIR = Path("cache/train_state")  # resumable state, outside DVC's outputs so a rerun can resume
+
+
+def relaunch_if_asked(p: Params, stage: str) -> None:
+    """Re-run this very command (sys.argv) under torchrun when params ask for several processes;
+    exits with torchrun's exit code. A no-op inside a torchrun-started process."""
+    rt = p.runtime
+    if distributed.launch_needed(rt.nproc_per_node, rt.nnodes):
+        raise typer.Exit(distributed.relaunch(sys.argv[1:], nproc_per_node=rt.nproc_per_node, nnodes=rt.nnodes,
+                                              rdzv_endpoint=rt.rdzv_endpoint, run_id=stage))
 
 
 def pretrain(
@@ -21,8 +38,10 @@ def pretrain(
 ) -> None:
     """Standard training of the base model every method starts from."""
     p = load_or_exit(params)
+    relaunch_if_asked(p, "pretrain")
     result = run_training(p, pretrain_job(p), TrainOutputs(out, metrics, history, STATE_DIR / "pretrain.pt"))
-    console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
+    if distributed.is_main_process():
+        console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
 
 
 def finetune(
@@ -38,6 +57,11 @@ def finetune(
     if method not in p.method:
         raise fail(f"unknown method {method!r}; params define: {', '.join(sorted(p.method))}")
     job = finetune_job(p, method)
+    if needs_pretrained(job) and not pretrained.exists():
+        raise fail(f"finetune@{method} starts from or distils the pretrained model, but {pretrained} does not "
+                   "exist; run `dvc repro pretrain` (or `arpipe pretrain`) first")
+    relaunch_if_asked(p, f"finetune@{method}")
     result = run_training(p, job, TrainOutputs(out, metrics, history, STATE_DIR / f"finetune-{method}.pt"),
                           pretrained=pretrained)
-    console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")
+    if distributed.is_main_process():
+        console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")

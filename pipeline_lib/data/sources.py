@@ -103,13 +103,16 @@ def load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[Tensor,
 
 # --------------------------------------------------------------------------- CIFAR pickles
 def ensure_cifar(name: str, root: Path, download: bool) -> Path:
-    folder, archive, url, md5, *_ = CIFAR[name]
+    folder, archive, url, md5, train_files, test_files, _ = CIFAR[name]
     path = root / folder
-    if path.is_dir():
+    # Every batch file, not just the folder: an interrupted extraction leaves a partial folder.
+    missing = [f for f in (*train_files, *test_files) if not (path / f).is_file()]
+    if not missing:
         return path
     if not download:
+        found = f"{path} lacks {', '.join(missing)}" if path.is_dir() else f"{name} not found at {path}"
         raise DataUnavailableError(
-            f"{name} not found at {path}. Set data.download: true (needs network), or extract "
+            f"{found}. Set data.download: true (needs network), or extract "
             f"{archive} from {url} into {root}.")
     from torchvision.datasets.utils import download_and_extract_archive
 
@@ -118,8 +121,9 @@ def ensure_cifar(name: str, root: Path, download: bool) -> Path:
     except Exception as exc:
         raise DataUnavailableError(f"downloading {name} from {url} failed: {exc}. Extract {archive} "
                                    f"into {root} by hand on a machine with network access.") from exc
-    if not path.is_dir():
-        raise DataUnavailableError(f"{archive} did not contain the folder {folder}")
+    missing = [f for f in (*train_files, *test_files) if not (path / f).is_file()]
+    if missing:
+        raise DataUnavailableError(f"{archive} did not contain {folder}/{', '.join(missing)}")
     return path
 
 

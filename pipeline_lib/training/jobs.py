@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..config import AttackParams, OptimParams, Params
 from ..data import BatchLoader, get_spec, load_test, load_train
 from ..io import atomic_write, write_json
-from ..methods import ObjectiveContext, build_objective
+from ..methods import Objective, ObjectiveContext, build_objective
 from ..models import build_model
-from ..runtime import configure_determinism, resolve_device, seed_everything
+from ..runtime import check_amp, configure_determinism, memory_format, seed_everything
 from ..schema import NoParams, StrictModel
 from ..tracking import Tracker
 from .loop import fit
@@ -55,6 +55,13 @@ def finetune_job(p: Params, name: str) -> TrainJob:
     return TrainJob(name, r.objective, r.params, r.optim, r.attack, r.init)
 
 
+def needs_pretrained(job: TrainJob) -> bool:
+    """Whether the job reads the pretrained checkpoint: as its initialisation or as a frozen teacher."""
+    from ..methods import OBJECTIVES
+
+    return job.init == "pretrained" or OBJECTIVES.get(job.objective).needs_teacher
+
+
 def job_config(p: Params, job: TrainJob) -> dict[str, Any]:
     """Everything that determines the trained weights (logged, stored in the checkpoint, hashed for resume)."""
     return {
@@ -70,6 +77,24 @@ def fingerprint(config: dict[str, Any], init_path: Path | None) -> str:
     if init_path is not None:
         h.update(checkpoint.file_sha256(init_path).encode())
     return h.hexdigest()
+
+
+def prepare_for_training(model: torch.nn.Module, objective: Objective, device: torch.device, *, sync_bn: bool,
+                         fmt: torch.memory_format = torch.contiguous_format) -> torch.nn.Module:
+    """Move `model` to its device and memory format, synchronise its BatchNorms (several processes),
+    and let the objective prepare it.
+
+    BatchNorms are synchronised *before* `prepare_model`, so what the objective builds from the
+    model (AR-AT's split clean/adv branches, CURE's revision copy) is synchronised too, and
+    the objective's new trainable modules (AR-AT's predictors, with BatchNorm1d) right after.
+    """
+    model.to(device, memory_format=fmt)
+    if sync_bn:
+        model = distributed.sync_batchnorm(model, device)
+    model = objective.prepare_model(model).to(device, memory_format=fmt)
+    if sync_bn:
+        distributed.sync_batchnorm(objective.extra_modules(), device)
+    return model
 
 
 def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -89,23 +114,38 @@ def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Pat
 
     `pretrained` is the standard model's checkpoint: the initialisation when
     job.init == 'pretrained' and the frozen teacher for objectives that need one.
+
+    Started by torchrun (runtime.nproc_per_node x nnodes > 1, see stages/train.py), every
+    process runs this; it joins the process group, trains on its share of each global batch,
+    and rank 0 alone writes the outputs and logs to MLflow (pipeline_lib.distributed).
     """
+    with distributed.process_group(p.runtime.device, p.runtime.dist_backend) as info:
+        return _run_training(p, job, out, info, pretrained=pretrained, stage=stage)
+
+
+def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed.DistInfo, *,
+                  pretrained: Path | None, stage: str | None) -> dict[str, Any]:
     from ..methods import OBJECTIVES
 
+    rt = p.runtime
     needs_teacher = OBJECTIVES.get(job.objective).needs_teacher
-    if (job.init == "pretrained" or needs_teacher) and (pretrained is None or not pretrained.exists()):
+    if needs_pretrained(job) and (pretrained is None or not pretrained.exists()):
         raise FileNotFoundError(f"{job.name}: needs the pretrained checkpoint, got {pretrained}")
-    configure_determinism(p.runtime.deterministic)
-    if p.runtime.num_threads:
-        torch.set_num_threads(p.runtime.num_threads)
-    device = resolve_device(p.runtime.device)
+    configure_determinism(rt.deterministic)
+    if rt.num_threads:
+        torch.set_num_threads(rt.num_threads)
+    device = distributed.device_for(rt.device, info)   # CUDA: GPU local_rank of this node
+    check_amp(rt.amp, device)
+    fmt = memory_format(rt.channels_last)
     spec = get_spec(p.data.dataset)
 
     x_tr, y_tr = load_train(p.data.dataset, p.data.root, p.data.n_train, p.data.subset_seed, p.data.download)
     x_va, y_va = load_test(p.data.dataset, p.data.root, p.data.n_val, p.data.download)
     loader = BatchLoader(x_tr, y_tr, job.optim.batch_size, shuffle=True, augment=p.data.augmentation,
-                         drop_last=True, seed=p.seed, device=device)
-    val = BatchLoader(x_va, y_va, 500, device=device)
+                         drop_last=True, seed=p.seed, device=device, storage=rt.loader, num_workers=rt.num_workers,
+                         rank=info.rank, world_size=info.world_size, memory_format=fmt)
+    # Every rank measures the (small) validation set whole: identical models, identical numbers.
+    val = BatchLoader(x_va, y_va, 500, device=device, storage=rt.loader, memory_format=fmt)
     if len(loader) == 0:
         raise ValueError(f"{job.name}: batch_size={job.optim.batch_size} exceeds the {len(x_tr)} training images")
 
@@ -118,38 +158,42 @@ def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Pat
             raise ValueError(f"{init_path} holds {meta['arch']} on {meta['dataset']}, params ask for "
                              f"{p.model.arch} on {p.data.dataset}")
         model.load_state_dict(base.state_dict())
-    model.to(device)
     teacher = None
     if needs_teacher:
         teacher, _ = checkpoint.load_model(pretrained, device)  # type: ignore[arg-type]
-        teacher.requires_grad_(False).eval()
+        teacher.requires_grad_(False).eval().to(memory_format=fmt)
     ctx = ObjectiveContext(attack=job.attack, num_classes=spec.num_classes, device=device,
                            input_shape=(spec.channels, spec.image_size, spec.image_size), teacher=teacher,
                            seed=p.seed)
     objective = build_objective(job.objective, job.objective_params, ctx)
-    model = objective.prepare_model(model).to(device)
+    model = prepare_for_training(model, objective, device, sync_bn=info.enabled and rt.sync_bn, fmt=fmt)
 
     config = job_config(p, job)
     stage = stage or ("pretrain" if job.name == "standard" else f"finetune@{job.name}")
     with Tracker(p.mlflow.experiment, stage, tags={"stage": stage.split("@")[0], "method": job.name,
-                                                   "dvc_stage": stage}) as tracker:
+                                                   "dvc_stage": stage}, enabled=info.is_main) as tracker:
         tracker.log_params(config)
+        tracker.log_params({"runtime": {**rt.model_dump(), "world_size": info.world_size}})
         t0 = time.perf_counter()
         result = fit(model, objective, loader, val, job.optim, seed=p.seed, state_path=out.state,
-                     fingerprint=fingerprint(config, init_path), progress=p.runtime.progress, desc=stage,
-                     on_epoch=lambda rec: tracker.log_metrics(rec, step=int(rec["epoch"])))
+                     fingerprint=fingerprint(config, init_path), progress=rt.progress, desc=stage,
+                     on_epoch=lambda rec: tracker.log_metrics(rec, step=int(rec["epoch"])), amp=rt.amp)
         seconds = time.perf_counter() - t0
         final = result.history[-1]
-        exported = objective.export_model(result.model)
+        exported = objective.export_model(result.model)   # every rank: an export may run synchronised BN
         steps = job.optim.epochs * len(loader)
         metrics = {
             "train_time_s": round(sum(r["epoch_time_s"] for r in result.history), 3),
             "wall_time_s": round(seconds, 3),
             "step_time_ms": round(1000 * sum(r["epoch_time_s"] for r in result.history) / steps, 3),
             "epochs": job.optim.epochs,
+            "world_size": info.world_size,   # processes that shared each step (train_time_s is wall time)
             "val_clean_acc": final["val_clean_acc"],
             **{k: v for k, v in final.items() if k not in ("epoch", "lr", "epoch_time_s", "val_clean_acc")},
         }
+        if not info.is_main:   # rank 0 writes every output; the others only wait for it
+            distributed.barrier()
+            return metrics
         checkpoint.save_model(out.checkpoint, exported, arch=p.model.arch, dataset=p.data.dataset,
                               meta={"method": job.name, "objective": job.objective, "config": config,
                                     "epoch": job.optim.epochs, "metrics": metrics, "stage": stage,
@@ -157,9 +201,10 @@ def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Pat
         write_json(out.metrics, metrics)
         write_history_csv(out.history, result.history)
         out.state.unlink(missing_ok=True)  # finished: the checkpoint supersedes the resume state
-        tracker.log_metrics(metrics)
+        tracker.log_metrics(metrics, step=job.optim.epochs)  # at the last epoch, not as a stray step 0
         tracker.set_tags({"checkpoint_path": str(out.checkpoint),
                           "checkpoint_sha256": checkpoint.file_sha256(out.checkpoint)})
         tracker.log_artifact(out.metrics)
         tracker.log_artifact(out.history)
+    distributed.barrier()
     return metrics

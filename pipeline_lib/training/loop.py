@@ -3,8 +3,10 @@
     for epoch:
         objective.on_epoch_start
         for (x, y) in loader:                # x: (B, C, H, W) in [0, 1]
-            loss = objective.loss(model, x, y).loss
+            with autocast(amp):               # bf16 autocast: the whole loss, attack included
+                loss = objective.loss(model, x, y).loss
             loss.backward()
+            average_gradients                 # several processes: gradient of the global batch
             objective.before_optimizer_step   # e.g. CURE's gradient mask
             optimizer.step()
             objective.after_optimizer_step    # e.g. CURE's revision EMA
@@ -15,6 +17,13 @@ Determinism and resume: every epoch re-seeds torch/numpy/python, the loader's
 order and the objective's attack generator from (seed, epoch). So a run killed
 after epoch k and resumed from its state file replays epochs k+1.. exactly as
 the uninterrupted run would, and produces identical weights.
+
+Several processes (pipeline_lib.distributed): each rank's loader yields its share of every
+global batch; gradients are averaged over the ranks after the backward and before the
+objective's gradient hook; the epoch's statistics are summed over the ranks, so the logged
+record is the global one; the attack-noise generator gets a per-rank stream (independent
+noise per shard) while everything else (model init, revision coins) is identical on every
+rank; only rank 0 writes the resume state and calls `on_epoch`.
 """
 
 from __future__ import annotations
@@ -31,12 +40,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..config import OptimParams
 from ..data import BatchLoader
 from ..evaluation import accuracy
 from ..methods import Objective
-from ..runtime import seed_everything
+from ..runtime import autocast, seed_everything
 
 STATE_FORMAT = "arpipe-train-state/1"
 
@@ -65,24 +74,40 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 10_007 + epoch
 
 
+def attack_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of the objective's attack-noise generator for (epoch, rank): rank 0 has the single-process
+    stream; other ranks draw independent noise for their shards."""
+    return epoch_seed(seed, epoch) + 1 + 1_000_003 * rank
+
+
 def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchLoader, optim: OptimParams, *,
         seed: int, state_path: str | Path | None = None, fingerprint: str = "", progress: bool = True,
-        desc: str = "train", on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+        desc: str = "train", on_epoch: Callable[[dict[str, float]], None] | None = None,
+        amp: str = "none") -> FitResult:
     """Train `model` (already prepared by `objective.prepare_model` and on its device).
 
     `state_path`: where the resumable state is written after each epoch; if a
     state with the same `fingerprint` exists there, training resumes from it.
     `on_epoch(record)` is called with each epoch's metrics (also replayed ones).
+    `amp`: 'bf16' runs each step's loss (attack generation included) under bf16 autocast.
+    In a process group (see the module docstring) every rank calls fit with its shard loader.
     """
-    extra = objective.extra_modules().to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    extra = objective.extra_modules().to(device)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in extra.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim)
     sched = make_scheduler(opt, optim)
     history: list[dict[str, float]] = []
     start = 0
+    rank, main = distributed.rank(), distributed.is_main_process()
+    distributed.broadcast_module_(model)   # identical starting weights on every rank (no-op in one process)
+    distributed.broadcast_module_(extra)
 
-    if state_path is not None and Path(state_path).exists():
+    state = None
+    if main and state_path is not None and Path(state_path).exists():
         state = checkpoint.load(state_path)
+    state = distributed.broadcast_object(state)   # rank 0 reads; a shared filesystem is not required
+    if state is not None:
         if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             extra.load_state_dict(state["extra"])
@@ -91,11 +116,11 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
             objective.load_state_dict(state["objective"])
             history = list(state["history"])
             start = int(state["epoch"])
-        else:
+        elif main:
             warnings.warn(f"ignoring {state_path}: it belongs to a different configuration", RuntimeWarning,
                           stacklevel=2)
     for record in history:
-        if on_epoch:
+        if on_epoch and main:
             on_epoch(record)
 
     step = start * len(loader)
@@ -103,20 +128,23 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
         t0 = time.perf_counter()
         seed_everything(epoch_seed(seed, epoch))
         loader.set_epoch(epoch)
-        objective.ctx.generator.manual_seed(epoch_seed(seed, epoch) + 1)
+        objective.ctx.generator.manual_seed(attack_seed(seed, epoch, rank))
         record: dict[str, float] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
-        record.update(objective.on_epoch_start(model, epoch, loader))
+        # Whole global batches: per-epoch work (AR-AT's balance accuracy) sees the same examples on every rank.
+        record.update(objective.on_epoch_start(model, epoch, loader.unsharded()))
 
         model.train()
         extra.train()
         sums: dict[str, torch.Tensor | float] = {}
         seen = 0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", disable=not progress, leave=False,
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", disable=not (progress and main), leave=False,
                    mininterval=1.0)
         for x, y in bar:
             opt.zero_grad(set_to_none=True)
-            out = objective.loss(model, x, y)
+            with autocast(amp, device):
+                out = objective.loss(model, x, y)
             out.loss.backward()
+            distributed.average_gradients(params)   # before the objective's gradient hook (CURE's mask)
             objective.before_optimizer_step(model)
             opt.step()
             step += 1
@@ -130,18 +158,21 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
                 v = v.detach() if isinstance(v, torch.Tensor) else float(v)
                 sums[k] = sums.get(k, 0.0) + v * b
         sched.step()
-        record.update({k: float(v) / max(seen, 1) for k, v in sums.items()})
+        totals = distributed.all_reduce_sum({**sums, "_seen": float(seen)}, device)   # global over the ranks
+        seen_all = totals.pop("_seen")
+        record.update({k: v / max(seen_all, 1.0) for k, v in totals.items()})
+        distributed.average_unsynced_bn_buffers_(model)   # runtime.sync_bn: false keeps per-rank statistics
         if not math.isfinite(record["train_loss"]):
             raise FloatingPointError(f"{desc}: non-finite training loss in epoch {epoch + 1}: {record['train_loss']}")
         record.update(objective.on_epoch_end(model, epoch))
         record["val_clean_acc"] = accuracy(model, val)
         record["epoch_time_s"] = time.perf_counter() - t0
         history.append(record)
-        if state_path is not None:
+        if state_path is not None and main:
             checkpoint.save(state_path, {
                 "format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
                 "model": model.state_dict(), "extra": extra.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "objective": objective.state_dict(), "history": history})
-        if on_epoch:
+        if on_epoch and main:
             on_epoch(record)
     return FitResult(model=model, history=history, resumed_from_epoch=start)

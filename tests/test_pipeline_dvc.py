@@ -1,0 +1,196 @@
+"""End to end: the real DVC pipeline on the tiny `ci` params in a temporary git repo.
+
+One scenario (the pipeline runs once; every step builds on the previous state):
+
+1. `dvc repro` runs every stage; each stage leaves a run in the MLflow store;
+   `dvc metrics show` has clean and PGD accuracy for every evaluated model.
+2. A second `dvc repro` runs nothing.
+3. Changing one method's finetune lr re-runs that method's finetune and only what follows it.
+4. Changing an evaluation param re-runs the evaluate stages (and what follows them), no training
+   (checked with `dvc status` and `dvc repro --dry`, so the costly evaluate stages run only once).
+
+Expectations come from `dvc stage list` / `dvc dag` and params.yaml, not from a fixed stage
+list, so the test keeps holding as stages and methods are added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from datafiles import REPO, write_fashion_mnist
+from pipeline_lib.data.sources import DEBIAN_FASHION_MNIST, FASHION_FILES
+
+pytestmark = pytest.mark.slow
+
+# What a checkout needs to run the pipeline (the code runs from the copy through PYTHONPATH).
+PROJECT_FILES = ["pipeline_lib", "stages", "conf", "dvc.yaml", "params.yaml", ".dvcignore"]
+METHOD = "pgd_at"     # the method whose finetune params the test changes
+
+
+class Repo:
+    """The temporary checkout and the environment its commands run in."""
+
+    def __init__(self, root: Path, store: Path) -> None:
+        self.root = root
+        self.store = store
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        # Bytecode caches are written as in CI (.dvcignore must keep them out of the stage hashes).
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env.update(PYTHONPATH=str(root), DVC_NO_ANALYTICS="1", ARPIPE_MLFLOW="1",
+                   MLFLOW_TRACKING_URI=f"sqlite:///{store}",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        self.env = env
+
+    def run(self, *cmd: str) -> str:
+        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            pytest.fail(f"`{' '.join(cmd)}` exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc.stdout + proc.stderr
+
+    def dvc(self, *args: str) -> str:
+        return self.run(sys.executable, "-m", "dvc", *args)
+
+    def repro(self, *args: str) -> set[str]:
+        """Run `dvc repro` (with `--dry`: only plan it); return the stages it ran (would run)."""
+        return set(re.findall(r"Running stage '([^']+)'", self.dvc("repro", *args)))
+
+    def changed(self) -> set[str]:
+        """Stages `dvc status` reports as changed (before any re-run)."""
+        out = self.dvc("status", "--json")
+        return set(json.loads(out[out.index("{"):])) if "{" in out else set()
+
+    def stages(self) -> set[str]:
+        return set(self.dvc("stage", "list", "--all", "--name-only").split())
+
+    def descendants(self, roots: set[str]) -> set[str]:
+        """Every stage downstream of `roots` in `dvc dag`."""
+        edges = re.findall(r'"([^"]+)" -> "([^"]+)"', self.dvc("dag", "--dot"))
+        found, frontier = set(), set(roots)
+        while frontier:
+            frontier = {b for a, b in edges if a in frontier} - found
+            found |= frontier
+        return found
+
+    def params(self) -> dict[str, Any]:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def write_params(self, raw: dict[str, Any]) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _provide_fashion_mnist(data: Path) -> None:
+    """<data>/FashionMNIST/raw: the unpacked real files when this checkout has them, else Debian's
+    copy (the loader unpacks it), else small synthetic files in the real format."""
+    names = [n for pair in FASHION_FILES.values() for n in pair]
+    unpacked = REPO / "data" / "FashionMNIST" / "raw"
+    if all((unpacked / n).exists() for n in names):
+        (data / "FashionMNIST").mkdir(parents=True)
+        (data / "FashionMNIST" / "raw").symlink_to(unpacked.resolve(), target_is_directory=True)
+    elif not all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in names):
+        write_fashion_mnist(data, n_train=2048, n_test=1000)
+    else:
+        data.mkdir(parents=True)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    base = tmp_path_factory.mktemp("pipeline")
+    r = Repo(base / "repo", base / "mlflow.db")
+    r.root.mkdir()
+    r.run("git", "init", "-q")
+    r.dvc("init", "-q")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, r.root / name, ignore=ignore)
+        else:
+            shutil.copy2(src, r.root / name)
+    _provide_fashion_mnist(r.root / "data")
+    r.run("arpipe", "profile", "ci")
+    return r
+
+
+@pytest.fixture(scope="module")
+def first_run(repo: Repo) -> set[str]:
+    return repo.repro()
+
+
+def test_first_repro_runs_every_stage(repo: Repo, first_run: set[str]) -> None:
+    stages = repo.stages()
+    p = repo.params()
+    expected = {"pretrain"} | {f"finetune@{m}" for m in p["finetune"]["methods"]} \
+        | {f"evaluate@{m}" for m in p["evaluate"]["models"]}
+    assert expected <= stages
+    assert first_run == stages
+
+
+def test_every_stage_logged_an_mlflow_run(repo: Repo, first_run: set[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo.store}")
+    experiment = client.get_experiment_by_name(repo.params()["mlflow"]["experiment"])
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    logged = {r.data.tags.get("dvc_stage", r.info.run_name) for r in runs}
+    assert repo.stages() - logged == set(), "stages without an MLflow run"
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_metrics_show_lists_accuracy_per_model(repo: Repo, first_run: set[str]) -> None:
+    out = repo.dvc("metrics", "show", "--json")
+    shown = next(iter(json.loads(out[out.index("{"):]).values()))["data"]
+    for model in repo.params()["evaluate"]["models"]:
+        metrics = shown[f"metrics/eval/{model}.json"]["data"]
+        assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1, model
+
+
+def test_second_repro_does_nothing(repo: Repo, first_run: set[str]) -> None:
+    # Bytecode for every module, as any later import writes it, changes no stage's dependencies.
+    repo.run(sys.executable, "-m", "compileall", "-q", "pipeline_lib", "stages")
+    assert repo.changed() == set()
+    assert repo.repro() == set()
+
+
+def test_a_method_lr_change_reruns_only_that_method(repo: Repo, first_run: set[str]) -> None:
+    raw = repo.params()
+    optim = raw["method"][METHOD].setdefault("optim", {})
+    optim["lr"] = 0.5 * optim.get("lr", raw["finetune"]["optim"]["lr"])
+    repo.write_params(raw)
+
+    finetune = f"finetune@{METHOD}"
+    downstream = {finetune} | repo.descendants({finetune})
+    changed = repo.changed()   # stages that read the method's params directly (e.g. aggregate) may show too
+    assert finetune in changed and changed <= downstream
+    ran = repo.repro()
+    assert {finetune, f"evaluate@{METHOD}"} <= ran
+    assert ran <= downstream, "only the method and what follows it"
+    others = {s for s in repo.stages() if s == "pretrain" or s.startswith(("finetune@", "evaluate@"))}
+    assert ran & others == {finetune, f"evaluate@{METHOD}"}
+    assert repo.changed() == set()
+
+
+def test_an_evaluation_change_reruns_no_training(repo: Repo, first_run: set[str]) -> None:
+    """Planned with `dvc repro --dry` (status-based, no stage runs): the evaluate stages are the
+    costly ones in `ci`, and no training stage lies downstream of them to be reached by outputs."""
+    raw = repo.params()
+    raw["evaluate"]["pgd"]["steps"] += 1
+    repo.write_params(raw)
+
+    evaluate = {s for s in repo.stages() if s.startswith("evaluate@")}
+    downstream = evaluate | repo.descendants(evaluate)
+    assert evaluate <= repo.changed() <= downstream
+    planned = repo.repro("--dry")
+    assert evaluate <= planned <= downstream
+    training = {s for s in repo.stages() if s == "pretrain" or s.startswith("finetune@")}
+    assert not planned & training and not training & downstream
