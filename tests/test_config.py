@@ -162,7 +162,8 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path: Path, no_training: lis
     params = _write_params(tmp_path, _set("pretrain.optim.milestones", [2, 1]))
     if command[0] == "evaluate":
         args = [*command, "--model", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "e.json"),
-                "--record", str(tmp_path / "e.csv"), "--log", str(tmp_path / "e.log"), "--plot", str(tmp_path / "e.png")]
+                "--record", str(tmp_path / "e.csv"), "--log", str(tmp_path / "e.log"),
+                "--plot", str(tmp_path / "e.png")]
     else:
         args = _train_args(tmp_path, *command)
         if command[0] == "finetune":

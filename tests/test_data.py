@@ -67,7 +67,8 @@ def test_debian_gz_copy_is_decompressed_into_root(tmp_path: Path, monkeypatch: p
     x, y = load_split("fashion_mnist", root, train=False)
     assert x.shape == (8, 1, 28, 28)
     for name in (n for pair in FASHION_FILES.values() for n in pair):
-        assert (root / "FashionMNIST" / "raw" / name).read_bytes() == gzip.decompress((debian / f"{name}.gz").read_bytes())
+        unpacked = (root / "FashionMNIST" / "raw" / name).read_bytes()
+        assert unpacked == gzip.decompress((debian / f"{name}.gz").read_bytes())
     np.testing.assert_array_equal(y.numpy(), read_idx(debian / f"{FASHION_FILES[False][1]}.gz"))
 
 

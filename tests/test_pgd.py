@@ -105,7 +105,8 @@ def test_works_inside_no_grad(trained: nn.Module, tiny_batch: tuple[torch.Tensor
     assert torch.equal(got, expected)
 
 
-def test_more_restarts_are_at_least_as_strong(trained: nn.Module, tiny_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_more_restarts_are_at_least_as_strong(trained: nn.Module,
+                                              tiny_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = tiny_batch
     # A weak attack (one step, small eps) so that a single restart leaves some examples correct.
     weak = {"eps": 0.02, "step_size": 0.02, "steps": 1}
