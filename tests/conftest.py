@@ -21,6 +21,10 @@ from pipeline_lib.models import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The test models are tiny: one intra-op thread is as fast, and far faster when the
+# machine is shared (two threads per process oversubscribe a 2-core CI runner).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
