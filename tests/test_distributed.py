@@ -11,7 +11,7 @@ CURE's TRADES attack starting at x has an exactly-zero KL gradient, so its sign 
 rounding noise (which differs with the batch split): its case makes the attack immaterial
 (eps 1e-6, beta 0) and checks what multi-process training must keep exact for CURE - the RGP
 mask and the revision model. What is left are float summation orders: TOL bounds them, except
-that RGP's hard p-percentile cut may flip the odd weight sitting at the boundary (<= 0.1%).
+that RGP's hard p-percentile cut may flip the odd weight sitting at the boundary (BOUNDARY_FRACTION).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from datafiles import REPO, banded_images, tiny_params, write_fashion_mnist
 from pipeline_lib import checkpoint, distributed
 from pipeline_lib.config import AttackParams, OptimParams, RuntimeParams
 from pipeline_lib.data import BatchLoader, get_spec
+from pipeline_lib.io import read_json
 from pipeline_lib.methods import ObjectiveContext, build_objective
 from pipeline_lib.models import build_model
-from pipeline_lib.io import read_json
 from pipeline_lib.training import TrainOutputs, fit, pretrain_job, run_training
 from pipeline_lib.training.jobs import prepare_for_training
 
@@ -219,6 +219,7 @@ def test_collectives_are_no_ops_in_one_process() -> None:
 
 
 # --------------------------------------------------------------------------- the stage command under torchrun
+@pytest.mark.slow
 def test_stage_command_relaunches_itself_under_torchrun(tmp_path: Path) -> None:
     """`arpipe pretrain` with runtime.nproc_per_node: 2 re-executes under torchrun (2 gloo processes);
     rank 0 alone writes the outputs, which match a one-process run."""
