@@ -11,8 +11,9 @@ rest. A step is exactly what the training loop does per batch: zero_grad, loss, 
 before_optimizer_step, SGD step, after_optimizer_step (prepare_model and on_epoch_start
 run once, before timing).
 
-A name is a registered objective (its default params, the params file's training attack)
-or a finetune instance of the params file (its resolved params, optim and attack).
+A name is a finetune instance of the params file (its resolved params and attack; the
+instance wins when a name is both) or a registered objective (its default params and the
+params file's training attack).
 Objectives that need a teacher get a freshly initialised, frozen model as teacher and a
 copy of it as student (timing does not depend on what the weights have learnt).
 """
@@ -150,7 +151,7 @@ def main(
     ref = statistics.median(times[REFERENCE])
     rows = []
     for name, ts in times.items():
-        q1, med, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0], ts[0], ts[0])
+        q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0], ts[0], ts[0])
         rows.append({"method": name, "median_ms": 1000 * med, "q1_ms": 1000 * q1, "q3_ms": 1000 * q3,
                      "relative": med / ref})
     table = Table(title=f"training step, {p.model.arch} on {p.data.dataset}, batch {batch_size}, "
