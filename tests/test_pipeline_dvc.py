@@ -8,6 +8,7 @@ One scenario (the pipeline runs once; every step builds on the previous state):
 3. Changing one method's finetune lr re-runs that method's finetune and only what follows it.
 4. Changing an evaluation param re-runs the evaluate stages (and what follows them), no training
    (checked with `dvc status` and `dvc repro --dry`, so the costly evaluate stages run only once).
+5. Editing one method's module marks every finetune stage changed, never pretraining.
 
 Expectations come from `dvc stage list` / `dvc dag` and params.yaml, not from a fixed stage
 list, so the test keeps holding as stages and methods are added.
@@ -194,3 +195,18 @@ def test_an_evaluation_change_reruns_no_training(repo: Repo, first_run: set[str]
     assert evaluate <= planned <= downstream
     training = {s for s in repo.stages() if s == "pretrain" or s.startswith("finetune@")}
     assert not planned & training and not training & downstream
+
+
+def test_editing_a_method_module_retrains_finetunes_but_not_pretraining(repo: Repo, first_run: set[str]) -> None:
+    """Code deps are as narrow as the code each stage runs: pretraining runs only the standard
+    objective, so a change to another method's module leaves it (and its hours) alone."""
+    module = repo.root / "pipeline_lib" / "methods" / "cure.py"
+    original = module.read_text()
+    try:
+        module.write_text(original + "\n# edited\n")
+        changed = repo.changed()
+        finetunes = {s for s in repo.stages() if s.startswith("finetune@")}
+        assert finetunes and finetunes <= changed
+        assert "pretrain" not in changed
+    finally:
+        module.write_text(original)
