@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,37 @@ def test_mlflow_parent_with_a_child_per_model(workdir: Path, monkeypatch: pytest
     assert set(children) == {f"aggregate/{m}" for m in EVAL}
     assert children["aggregate/pgd_at_b"].data.metrics["ardist"] == pytest.approx(5 / math.sqrt(17), abs=1e-3)
     assert parent[0].data.metrics["mean_gap.pgd_at"] == pytest.approx(2.5, abs=1e-6)
+
+
+def _corruption(table: dict[str, list[float]]) -> dict[str, Any]:
+    """A corruption@<model> metrics dict: per-corruption accuracies by severity."""
+    accs = [a for row in table.values() for a in row]
+    mean = sum(accs) / len(accs)
+    return {"mean_corruption_acc": mean, "mean_corruption_error": 1 - mean,
+            "table": {c: {str(s + 1): a for s, a in enumerate(row)} for c, row in table.items()}}
+
+
+def test_mce_relative_to_the_standard_model(workdir: Path) -> None:
+    # standard errs 1.0 (fog) and 0.6 (snow) summed over severities; pgd_at 0.5 and 0.4:
+    # CE = 0.5 and 2/3, mCE = 7/12 -> 58.33 %; the standard model is 100 by definition.
+    (workdir / "corruption" / "standard.json").write_text(json.dumps(
+        _corruption({"fog": [0.5, 0.5], "snow": [0.8, 0.6]})))
+    (workdir / "corruption" / "pgd_at.json").write_text(json.dumps(
+        _corruption({"fog": [0.75, 0.75], "snow": [0.8, 0.8]})))
+    result, out = run_aggregate(workdir, write_params(workdir))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "summary.csv").set_index("model")
+    assert table.loc["standard", "mce_std"] == pytest.approx(100.0)
+    assert table.loc["pgd_at", "mce_std"] == pytest.approx(700 / 12, abs=1e-3)
+    assert math.isnan(table.loc["pgd_at_b", "mce_std"])                 # no corruption metrics: blank
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["pgd_at"]["mce_std"] == pytest.approx(58.3333, abs=1e-4)
+    assert re.search(r"\|\s+58\.3 \|", (out / "summary.md").read_text())
+
+
+def test_no_mce_without_the_standard_models_table(workdir: Path) -> None:
+    (workdir / "corruption" / "pgd_at.json").write_text(json.dumps(_corruption({"fog": [0.75, 0.75]})))
+    result, out = run_aggregate(workdir, write_params(workdir))   # standard.json has no per-corruption table
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out / "summary.csv")["mce_std"].isna().all()
+    assert "no mCE vs standard" in (out / "summary.md").read_text()

@@ -13,17 +13,18 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..schema import StrictModel
+from .metrics_io import EVAL_KEYS
 
 # Robust accuracies the evaluate stage may write (as `<name>_acc`), strongest estimate first.
 RobustMetric = Literal["autoattack", "worst_case", "cw", "pgd", "fgsm"]
 CurveFamily = Literal["auto", "linear", "quadratic"]
 
-# Every metric the aggregate writes per model (and `mean_gap` per sweep): the names
-# the gate's per-metric rules may use. A typo in params fails validation.
-GATE_METRICS: tuple[str, ...] = (
-    "clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "robust",
-    "nrr_aa", "nrr_cw", "ardist", "corruption", "train_time_s", "mean_gap",
-)
+# Every metric the aggregate writes per model, in table order (accuracies, NRR, ARDist in points;
+# mce_std in percent of the standard model's corruption error).
+MODEL_METRICS: tuple[str, ...] = (*EVAL_KEYS, "robust", "nrr_aa", "nrr_cw", "ardist", "corruption", "mce_std",
+                                  "train_time_s")
+# ... and `mean_gap` per sweep: the names the gate's per-metric rules may use. A typo in params fails validation.
+GATE_METRICS: tuple[str, ...] = (*MODEL_METRICS, "mean_gap")
 
 
 def reference_tables() -> list[str]:

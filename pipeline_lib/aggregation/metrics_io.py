@@ -4,7 +4,8 @@ Per model M (file names from the stages' contracts; the folders come from dvc.ya
     <eval_dir>/M.json        clean_acc, fgsm_acc, pgd_acc, cw_acc, autoattack_acc, worst_case_acc
                              (fractions; an attack that was not run is absent), pgd_steps, n_eval, eps
     <train_dir>/M.json       train_time_s, ...                                  (optional)
-    <corruption_dir>/M.json  mean_corruption_acc (fraction)                     (optional)
+    <corruption_dir>/M.json  mean_corruption_acc (fraction), table (per corruption and severity)
+                                                                                 (optional)
 The evaluation file is required; the others are blanks when absent.
 Accuracies are converted to percent here, once: everything downstream is in points.
 """
@@ -39,6 +40,8 @@ class ModelMetrics:
     objective: str                                        # finetune objective; sweeps group by it
     acc: dict[str, float] = field(default_factory=dict)   # EVAL_KEYS columns present, in percent
     corruption: float | None = None                       # mean corruption accuracy, percent
+    # the corruption stage's whole metrics dict (per-corruption table), for errors relative to standard
+    corruption_detail: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     train_time_s: float | None = None
     pgd_steps: int | None = None
     n_eval: int | None = None
@@ -90,12 +93,14 @@ def load_model_metrics(name: str, objective: str, eval_dir: Path, train_dir: Pat
     train_time = None
     if train_dir is not None and (train_path := train_dir / f"{name}.json").is_file():
         train_time = _number(train_path, _read(train_path), TRAIN_TIME_KEY)
-    corruption = None
+    corruption = detail = None
     if corruption_dir is not None and (c_path := corruption_dir / f"{name}.json").is_file():
-        corruption = _fraction(c_path, _read(c_path), CORRUPTION_KEY)
+        detail = _read(c_path)
+        corruption = _fraction(c_path, detail, CORRUPTION_KEY)
 
     steps, n_eval, eps = (_number(eval_path, ev, k) for k in ("pgd_steps", "n_eval", "eps"))
-    return ModelMetrics(name=name, objective=objective, acc=acc, corruption=corruption, train_time_s=train_time,
+    return ModelMetrics(name=name, objective=objective, acc=acc, corruption=corruption, corruption_detail=detail,
+                        train_time_s=train_time,
                         pgd_steps=None if steps is None else int(steps),
                         n_eval=None if n_eval is None else int(n_eval), eps=eps)
 

@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..corruption.relative import REFERENCE as CORRUPTION_REFERENCE
+from ..corruption.relative import relative_to_reference
 from .ardist import mean_gap, signed_distance
-from .config import AggregateParams
+from .config import MODEL_METRICS, AggregateParams
 from .curve import CurveFitError, TradeoffCurve, fit_tradeoff_curve
 from .metrics_io import EVAL_KEYS, ModelMetrics
 from .nrr import nrr
@@ -21,8 +23,7 @@ from .references import ReferencePoint, own_points, published_points
 log = logging.getLogger(__name__)
 
 # Per-model numeric columns, in table order (all accuracies in percent).
-NUMERIC_COLUMNS: tuple[str, ...] = (*EVAL_KEYS, "robust", "nrr_aa", "nrr_cw", "ardist", "corruption",
-                                    "train_time_s")
+NUMERIC_COLUMNS: tuple[str, ...] = MODEL_METRICS
 ROBUST_LABELS = {"autoattack": "AutoAttack", "worst_case": "worst case over attacks", "cw": "CW",
                  "pgd": "PGD", "fgsm": "FGSM"}
 
@@ -110,10 +111,27 @@ def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, Mapping[str, 
 def _model_row(mm: ModelMetrics, metric: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"model": mm.name, "objective": mm.objective, **{c: mm.acc.get(c) for c in EVAL_KEYS},
                            "robust": mm.acc.get(metric) if metric else None, "robust_metric": metric,
-                           "corruption": mm.corruption, "train_time_s": mm.train_time_s}
+                           "corruption": mm.corruption, "mce_std": None, "train_time_s": mm.train_time_s}
     row["nrr_aa"] = nrr(row["clean"], row["autoattack"]) if row["autoattack"] is not None else None
     row["nrr_cw"] = nrr(row["clean"], row["cw"]) if row["cw"] is not None else None
     return row
+
+
+def _mce_vs_standard(models: Sequence[ModelMetrics], notes: list[str]) -> dict[str, float | None]:
+    """mCE relative to the run's standard model, in percent (standard = 100), for every model with a
+    per-corruption table; {} (blank column) when the standard model has none."""
+    detail = {mm.name: mm.corruption_detail for mm in models if mm.corruption_detail is not None}
+    if not detail:
+        return {}
+    if CORRUPTION_REFERENCE not in detail:
+        notes.append(f"no mCE vs standard: the {CORRUPTION_REFERENCE!r} model has no corruption metrics")
+        return {}
+    try:
+        rel = relative_to_reference(detail)
+    except (KeyError, TypeError, ValueError) as exc:
+        notes.append(f"no mCE vs standard: {exc}")
+        return {}
+    return {n: None if r["mce_vs_standard"] is None else 100.0 * r["mce_vs_standard"] for n, r in rel.items()}
 
 
 def _reference_points(ap: AggregateParams, rows: Mapping[str, Mapping[str, Any]], run_metric: str | None,
@@ -167,6 +185,9 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
         row["role"] = "reference" if n in ref_names else "method"
         row["ardist"] = (signed_distance(curve, row["clean"], row["robust"])
                          if curve is not None and row["robust"] is not None else None)
+
+    for n, mce in _mce_vs_standard(models, notes).items():
+        rows[n]["mce_std"] = mce
 
     sweeps = _fit_sweeps(models, rows, curve, ap.curve)
     for note in notes:

@@ -36,13 +36,13 @@ def markdown(s: Summary) -> str:
     ctx = s.context
     pgd = s.pgd_label()
     header = ["Model", "Objective", "Clean", "FGSM", pgd, "CW", "AutoAttack", "Worst case", "NRR (AA)", "NRR (CW)",
-              "ARDist", "Corruption (mean)", "Train time (s)", "Robust metric"]
+              "ARDist", "Corruption (mean)", "mCE vs std", "Train time (s)", "Robust metric"]
     body = [[r["model"] + (" (ref)" if r["role"] == "reference" else ""), r["objective"],
              *(_fmt(r[c]) for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "nrr_aa", "nrr_cw")),
-             _fmt(r["ardist"], signed=True), _fmt(r["corruption"]), _fmt(r["train_time_s"], 1),
+             _fmt(r["ardist"], signed=True), _fmt(r["corruption"]), _fmt(r["mce_std"], 1), _fmt(r["train_time_s"], 1),
              s.metric_label(r["robust_metric"]) if r["robust_metric"] else BLANK] for r in s.rows]
     table = pd.DataFrame(body, columns=header).to_markdown(
-        index=False, disable_numparse=True, colalign=("left", "left", *["right"] * 11, "left"))
+        index=False, disable_numparse=True, colalign=("left", "left", *["right"] * 12, "left"))
 
     n_eval = ctx.get("n_eval")
     lines = [
@@ -55,6 +55,10 @@ def markdown(s: Summary) -> str:
         table, "",
         f"- **Robust accuracy** for ARDist and the tradeoff plot: {s.robust_label()}.",
         "- **NRR** = 2 Nat Rob / (Nat + Rob) (CURE, App. F.2), with Rob = AutoAttack and with Rob = CW.",
+        "- **Corruption (mean)** = accuracy over every corruption and severity; **mCE vs std** = mean over "
+        "corruptions of the model's summed error divided by the standard model's (percent; standard = 100, "
+        "lower is better; the standard model stands in for ImageNet-C's AlexNet, so it is not comparable "
+        "with published mCE).",
     ]
     if s.curve is not None:
         ref = ("this run's " + ", ".join(p.method for p in s.reference_points) if s.reference_mode == "own"
