@@ -8,12 +8,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, failed, load_metrics, render,
-                                           write_baseline)
-from pipeline_lib.aggregation.job import AggregateInputs, AggregateOutputs, run_aggregate
-from pipeline_lib.aggregation.metrics_io import MetricsError
-from pipeline_lib.aggregation.references import published_points
-
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
 
@@ -28,6 +22,10 @@ def aggregate(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Compare every evaluated model: NRR, ARDist, sweep mean gaps, table, tradeoff plot, MLflow runs."""
+    from pipeline_lib.aggregation.job import AggregateInputs, AggregateOutputs, run_aggregate
+    from pipeline_lib.aggregation.metrics_io import MetricsError
+    from pipeline_lib.aggregation.references import published_points
+
     p = load_or_exit(params)
     try:
         if p.aggregate.reference == "published":   # a broken shipped table should fail before any work
@@ -51,6 +49,9 @@ def gate(
     profile: str | None = typer.Option(None, help="profile name recorded in the baseline on --update"),
 ) -> None:
     """Fail (exit 1) when a metric regressed beyond its tolerance or disappeared; exit 2 on bad input."""
+    from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, failed, load_metrics, render,
+                                               write_baseline)
+
     p = load_or_exit(params)
     out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs are not terminals: do not wrap at 80
     try:

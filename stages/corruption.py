@@ -6,12 +6,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline_lib.corruption.build_set import build_corrupted_set
-from pipeline_lib.corruption.cifar_c import ChecksumError
-from pipeline_lib.corruption.eval_job import run_corruption_eval
-from pipeline_lib.corruption.store import CorruptedSetError
-from pipeline_lib.data import DataUnavailableError
-
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
 
@@ -21,6 +15,10 @@ def corrupt(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Generate the corrupted test set (any dataset) or fetch the released CIFAR-10-C / CIFAR-100-C."""
+    from pipeline_lib.corruption.build_set import build_corrupted_set
+    from pipeline_lib.corruption.cifar_c import ChecksumError
+    from pipeline_lib.data import DataUnavailableError
+
     p = load_or_exit(params)
     try:
         result = build_corrupted_set(p, out, samples)
@@ -41,6 +39,10 @@ def corruption(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Accuracy on every corruption x severity, the mean corruption accuracy and a heatmap."""
+    from pipeline_lib.corruption.eval_job import run_corruption_eval
+    from pipeline_lib.corruption.store import CorruptedSetError
+    from pipeline_lib.data import DataUnavailableError
+
     p = load_or_exit(params)
     try:
         result = run_corruption_eval(p, name, model, data, metrics, heatmap)

@@ -7,10 +7,6 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from pipeline_lib.evaluation.config import EvaluateConfigError
-from pipeline_lib.evaluation.job import EvalOutputs, run_evaluation
-from pipeline_lib.evaluation.model_checks import ModelCheckError
-
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
 STATE_DIR = Path("cache/eval_state")  # resumable state, outside DVC's outputs so a rerun can resume
@@ -26,6 +22,10 @@ def evaluate(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Clean, FGSM, PGD, CW and AutoAttack accuracy on the first n_eval test images (resumable)."""
+    from pipeline_lib.evaluation.config import EvaluateConfigError
+    from pipeline_lib.evaluation.job import EvalOutputs, run_evaluation
+    from pipeline_lib.evaluation.model_checks import ModelCheckError
+
     p = load_or_exit(params)
     if not model.exists():
         raise fail(f"model checkpoint {model} does not exist")

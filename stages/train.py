@@ -14,7 +14,6 @@ import typer
 
 from pipeline_lib import distributed
 from pipeline_lib.config import Params
-from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained, pretrain_job, run_training
 
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
@@ -37,6 +36,8 @@ def pretrain(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Standard training of the base model every method starts from."""
+    from pipeline_lib.training import TrainOutputs, pretrain_job, run_training
+
     p = load_or_exit(params)
     relaunch_if_asked(p, "pretrain")
     result = run_training(p, pretrain_job(p), TrainOutputs(out, metrics, history, STATE_DIR / "pretrain.pt"))
@@ -53,6 +54,8 @@ def finetune(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train one method instance (from the pretrained model or from scratch, as its params say)."""
+    from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained, run_training
+
     p = load_or_exit(params)
     if method not in p.method:
         raise fail(f"unknown method {method!r}; params define: {', '.join(sorted(p.method))}")
