@@ -153,7 +153,7 @@ def main(
     cpu = {arch: cpu_step_seconds(arch, dataset, cpu_batch, reps) for arch in ARCHS}
     flop_ratio = per_arch["wrn34_10"]["T"] / per_arch["resnet18"]["T"]
     time_ratio = cpu["wrn34_10"] / cpu["resnet18"]
-    console.print(f"per example: " + "; ".join(
+    console.print("per example: " + "; ".join(
         f"{a}: F {m['F'] / 1e9:.3f}, A {m['A'] / 1e9:.3f}, train F+B {m['T'] / 1e9:.3f} GFLOP" for a, m in per_arch.items()))
     console.print(f"WRN-34-10 / ResNet-18: FLOP ratio {flop_ratio:.2f}, measured CPU step-time ratio {time_ratio:.2f} "
                   f"(batch {cpu_batch}: {cpu['resnet18'] * 1e3:.0f} ms vs {cpu['wrn34_10'] * 1e3:.0f} ms; "

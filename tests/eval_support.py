@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,16 +29,6 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, steps: int = 40, lr: float = 1e-
         _WEIGHTS[key] = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(_WEIGHTS[key])
     return model.eval()
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread for the test: on a shared, oversubscribed CPU, OpenMP barrier waits make
-    the many small attack batches far slower with two threads than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def eval_params(**overrides: Any) -> EvaluateParams:

@@ -31,15 +31,6 @@ from pipeline_lib.models import build_model
 N = 4  # images per severity in the small archive (the real one has 10000)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny batches: extra intra-op threads only contend on a busy 2-core machine (seconds per call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_archive(where: Path, arrays: dict[str, np.ndarray], labels: np.ndarray, folder: str = "CIFAR-10-C",
                  name: str = "CIFAR-10-C.tar") -> Path:
     """An uncompressed tar holding <folder>/<corruption>.npy and <folder>/labels.npy, as on Zenodo."""

@@ -3,12 +3,10 @@ params section, the relative error against the standard model, and the CLI's err
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from datafiles import base_params_dict, tiny_params, write_fashion_mnist
 from typer.testing import CliRunner
 
@@ -26,15 +24,6 @@ from pipeline_lib.io import read_json
 from stages.cli import app
 
 SMALL = {"n_images": 12, "corruptions": ["gaussian_noise", "contrast", "fog"], "extra": ["saturate", "spatter"]}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny batches: extra intra-op threads only contend on a busy 2-core machine (seconds per call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval_support import eval_params, fit, one_thread, steps_for  # noqa: F401 - one_thread is a fixture
+from eval_support import eval_params, fit, steps_for
 from pipeline_lib.attacks.cw import cw_linf
 from pipeline_lib.attacks.fgsm import fgsm_linf
 from pipeline_lib.evaluation.autoattack import build_autoattack, run_component
@@ -17,7 +17,6 @@ from pipeline_lib.evaluation.summary import accuracies
 
 EPS = 0.02   # the fitted tiny model: FGSM leaves ~20% of the batch, PGD ~0%
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

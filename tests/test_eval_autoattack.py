@@ -10,7 +10,7 @@ import torch
 from pyautoattack import AutoAttack
 from torch import nn
 
-from eval_support import eval_params, fit, one_thread, steps_for  # noqa: F401 - one_thread is a fixture
+from eval_support import eval_params, fit, steps_for
 from pipeline_lib.evaluation.autoattack import AA_LOGGER, build_autoattack, capture_logs
 from pipeline_lib.evaluation.cascade import run_cascade
 from pipeline_lib.evaluation.config import AutoAttackParams
@@ -22,7 +22,6 @@ EPS = 0.01        # the fitted tiny model keeps about half the batch under AutoA
 BATCH = 16        # 32 examples: AutoAttack works in two batches, so batching must match too
 COMPONENTS = ["apgd-ce", "apgd-t"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(BaseException):

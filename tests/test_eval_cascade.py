@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval_support import eval_params, fit, one_thread, steps_for  # noqa: F401 - one_thread is a fixture
+from eval_support import eval_params, fit, steps_for
 from pipeline_lib.evaluation.cascade import run_cascade
 from pipeline_lib.evaluation.record import EvalRecord, read_record_csv
 from pipeline_lib.evaluation.registry import AttackStep
@@ -17,7 +17,6 @@ from pipeline_lib.evaluation.summary import accuracies, worst_case_columns
 
 EPS = 0.01   # the fitted tiny model keeps part of the batch at this eps: records are not all-broken
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(BaseException):

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from datafiles import tiny_params, write_fashion_mnist
-from eval_support import fit, one_thread  # noqa: F401 - one_thread is a fixture
+from eval_support import fit
 from pipeline_lib import checkpoint
 from pipeline_lib.config import Params
 from pipeline_lib.data import get_spec, load_test
@@ -23,7 +23,6 @@ from pipeline_lib.evaluation.registry import EVAL_ATTACKS, AttackEnv, AttackStep
 from pipeline_lib.models import build_model
 from stages.cli import app
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACC_KEYS = {"clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "autoattack_acc", "worst_case_acc"}
 

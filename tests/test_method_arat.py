@@ -27,16 +27,6 @@ from pipeline_lib.models import MODELS, build_model
 from pipeline_lib.training.loop import fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: intra-op threads only add overhead, and on a shared 2-core machine
-    oversubscribed threads make these tests many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def prepared(model: nn.Module, make_ctx, **params):
     obj = build_objective("arat", params, make_ctx())
     return obj, obj.prepare_model(model)

@@ -21,14 +21,6 @@ from pipeline_lib.runtime import evaluating
 EPS, STEP, STEPS, SEED = 0.1, 0.05, 2, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def drifted(model: nn.Module, scale: float = 0.3) -> nn.Module:
     """A frozen copy of `model` with every weight moved by `scale` of its std (seeded):
     its clean representations sit some 25 degrees from the model's, a little differently per example."""

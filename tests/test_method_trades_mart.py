@@ -22,14 +22,6 @@ from pipeline_lib.runtime import evaluating
 EPS, STEP, STEPS, SEED = 0.1, 0.05, 3, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def objective(name: str, **params):
     ctx = ObjectiveContext(attack=AttackParams(eps=EPS, step_size=STEP, steps=STEPS), num_classes=10,
                            device=torch.device("cpu"), seed=SEED, generator=torch.Generator().manual_seed(SEED))

@@ -30,16 +30,6 @@ NAMES = OBJECTIVES.names()
 MODES = ["train", "eval", "mixed"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batches of 32 tiny images: intra-op threading only adds overhead, and on a shared
-    2-core machine oversubscribed threads make these tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @dataclass
 class Run:
     objective: Objective
