@@ -11,9 +11,14 @@ trained for a few steps on them is accurate, which the training tests rely on.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
+import http.server
 import pickle
 import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +125,28 @@ def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
     }
     raw = deep_merge(deep_merge(raw, overlay), dict(sections))
     return parse_params(raw, "tiny params")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:   # keep pytest's output clean
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass   # torchvision probes the URL for redirects and hangs up mid-body: a broken pipe, harmless
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """A loopback HTTP server (127.0.0.1) publishing `folder`; yields its base URL. It stands in for
+    the dataset hosts, so torchvision's real download code runs without a network."""
+    server = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()

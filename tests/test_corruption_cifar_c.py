@@ -3,11 +3,8 @@ from a loopback server to torchvision's download code, md5-checked, extracted an
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datafiles import tiny_params, write_cifar
+from datafiles import serve_folder, tiny_params, write_cifar
 
 from pipeline_lib import checkpoint
 from pipeline_lib.corruption import cifar_c
@@ -64,25 +61,8 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """(folder, base URL): a loopback HTTP server publishing `folder`, standing in for Zenodo."""
     folder = tmp_path / "zenodo"
     folder.mkdir(exist_ok=True)
-    handler = functools.partial(QuietHandler, directory=str(folder))
-    server = QuietServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:   # keep pytest's output clean
-        pass
-
-
-class QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass   # torchvision probes the URL for redirects and hangs up mid-body: a broken pipe, harmless
+    with serve_folder(folder) as base:
+        yield folder, base
 
 
 def serve(monkeypatch: pytest.MonkeyPatch, url: str, tar_path: Path, digest: str | None = None) -> None:

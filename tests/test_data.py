@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import torch
 from pipeline_lib.data import BatchLoader, DataUnavailableError, load_split, load_test, load_train, sources
 from pipeline_lib.data.sources import CIFAR, FASHION_FILES, read_idx
 
-from datafiles import idx_bytes, write_cifar, write_fashion_mnist, write_idx
+from datafiles import idx_bytes, serve_folder, write_cifar, write_fashion_mnist, write_idx
 
 
 @pytest.fixture
@@ -141,19 +138,8 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A local HTTP server over a folder: (folder, base url). Exercises torchvision's real download code."""
     served = tmp_path / "served"
     served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
+    with serve_folder(served) as base:
+        yield served, base
 
 
 def _publish_cifar(tmp_path: Path, served: Path, name: str) -> tuple[str, dict[str, np.ndarray]]:
