@@ -30,8 +30,10 @@ _OFFSETS = [(8, 6), (8, -26), (-8, 6), (-8, -26), (8, 22), (-8, 22), (8, -42), (
 _MARKER_PX = 7.0        # half-size of a marker's keep-out box, pixels
 _ZOOM_AREA = 0.2        # zoom when the robust models fill less than this share of the full view
 
+Limits = tuple[float, float, float, float]   # x_lo, x_hi, y_lo, y_hi
 
-def _limits(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float, float]:
+
+def _limits(xs: Sequence[float], ys: Sequence[float]) -> Limits:
     pad_x = max(2.0, 0.08 * (max(xs) - min(xs)))
     pad_y = max(2.0, 0.12 * (max(ys) - min(ys)))
     # Stay near [0, 100] but keep half a pad beyond it so points at 0 % or 100 % are drawn whole.
@@ -39,18 +41,18 @@ def _limits(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, flo
             max(-pad_y / 2, min(ys) - pad_y), min(100.0 + pad_y / 2, max(ys) + pad_y))
 
 
-def _zoom_rows(rows: list[dict[str, Any]], full: tuple[float, float, float, float]) -> list[dict[str, Any]]:
-    """The robust models when they crowd one corner of the full view, else [] (no zoom panel)."""
+def _zoom(rows: list[dict[str, Any]], full: Limits) -> tuple[list[dict[str, Any]], Limits] | None:
+    """(the robust models, their view limits) when they crowd one corner of the full view, else None."""
     top = max(r["robust"] for r in rows)
     robust = [r for r in rows if r["robust"] >= 0.25 * top]
     if len(robust) < 2 or len(robust) == len(rows):
-        return []
-    x_lo, x_hi, y_lo, y_hi = _limits([r["clean"] for r in robust], [r["robust"] for r in robust])
-    share = (x_hi - x_lo) * (y_hi - y_lo) / ((full[1] - full[0]) * (full[3] - full[2]))
-    return robust if share < _ZOOM_AREA else []
+        return None
+    lims = _limits([r["clean"] for r in robust], [r["robust"] for r in robust])
+    share = (lims[1] - lims[0]) * (lims[3] - lims[2]) / ((full[1] - full[0]) * (full[3] - full[2]))
+    return (robust, lims) if share < _ZOOM_AREA else None
 
 
-def _draw_curves(ax: Axes, s: Summary, lims: tuple[float, float, float, float],
+def _draw_curves(ax: Axes, s: Summary, lims: Limits,
                  color: dict[str, Any], legend: bool) -> None:
     x_lo, x_hi, _, y_hi = lims
     if s.curve is not None:
@@ -129,7 +131,7 @@ def _place_labels(fig: Figure, ax: Axes, anns: list[Any], points: list[tuple[flo
         placed.append(ann.get_window_extent(renderer))
 
 
-def _finish(ax: Axes, lims: tuple[float, float, float, float], robust_label: str, title: str) -> None:
+def _finish(ax: Axes, lims: Limits, robust_label: str, title: str) -> None:
     ax.set_xlim(lims[0], lims[1])
     ax.set_ylim(lims[2], lims[3])
     ax.set_xlabel("standard (clean) accuracy (%)")
@@ -147,7 +149,7 @@ def draw_tradeoff(s: Summary) -> Figure:
         fig.subplots().text(0.5, 0.5, "no model has a robust accuracy to plot", ha="center", va="center")
         return fig
     full = _limits(xs, ys)
-    zoom = _zoom_rows(rows, full) if rows else []
+    zoom = _zoom(rows, full) if rows else None
     fig = Figure(figsize=(15.5, 6.5) if zoom else (9.5, 6.5), dpi=130, layout="constrained")
     FigureCanvasAgg(fig)   # a renderer to measure labels with
     axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
@@ -159,25 +161,25 @@ def draw_tradeoff(s: Summary) -> Figure:
     fig.suptitle(f"Accuracy-robustness tradeoff: {ctx.get('dataset')} / {ctx.get('arch')}, "
                  f"L-inf eps {ctx.get('eps')}", fontsize=11)
 
-    panels: list[tuple[Axes, tuple[float, float, float, float], list[dict[str, Any]]]] = []
-    zoomed = {id(r) for r in zoom}
+    panels: list[tuple[Axes, list[dict[str, Any]]]] = []   # (axes, the models labelled on it)
+    zoomed = {id(r) for r in zoom[0]} if zoom else set()
     # Full view: every model; when zooming, only the models outside the zoom are labelled here.
     _draw_curves(axes[0], s, full, color, legend=True)
     _draw_points(axes[0], rows, color, legend=True)
     _finish(axes[0], full, s.robust_label(), "all models" if zoom else "")
-    panels.append((axes[0], full, [r for r in rows if id(r) not in zoomed]))
+    panels.append((axes[0], [r for r in rows if id(r) not in zoomed]))
     if zoom:
-        zl = _limits([r["clean"] for r in zoom], [r["robust"] for r in zoom])
+        zoom_rows, zl = zoom
         axes[0].add_patch(Rectangle((zl[0], zl[2]), zl[1] - zl[0], zl[3] - zl[2],
                                                        fill=False, ls="--", lw=1.0, ec="0.4", zorder=2))
         _draw_curves(axes[1], s, zl, color, legend=False)
-        _draw_points(axes[1], zoom, color, legend=False)
+        _draw_points(axes[1], zoom_rows, color, legend=False)
         _finish(axes[1], zl, s.robust_label(), "robust models (dashed box on the left, zoomed)")
-        panels.append((axes[1], zl, zoom))
+        panels.append((axes[1], zoom_rows))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8, frameon=False)
 
     fig.draw_without_rendering()   # fix the layout before measuring labels against it
-    for ax, _, labelled in panels:
+    for ax, labelled in panels:
         anns = _annotate(ax, labelled)
         _place_labels(fig, ax, anns, [(r["clean"], r["robust"]) for r in rows])
     return fig
