@@ -21,6 +21,7 @@ from .corruption.config import CorruptionParams
 from .data.spec import SPECS
 from .evaluation.config import EvaluateParams, PGDEvalParams  # noqa: F401 - the evaluate section
 from .schema import StrictModel
+from .errors import UserError
 
 Fraction = float
 
@@ -290,7 +291,7 @@ class ResolvedMethod(StrictModel):
     params: Any
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """Raised for an invalid params file; the message names each bad key and value."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from .errors import UserError
 
 CONF_DIR = Path("conf")
 PROFILE_DIR = CONF_DIR / "profile"
@@ -43,7 +44,7 @@ BASE_HEADER = ("# GENERATED from params.yaml by `arpipe profile --sync`: do not 
 COMPOSED_MARK = "# COMPOSED by `arpipe profile"
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile that cannot be composed (unknown name, bad defaults list, cycle); names it."""
 
 

@@ -7,14 +7,17 @@ import typer
 # Each stage module imports its share of the library inside its command, so a stage process
 # loads only what it runs (importing everything cost every stage ~5 s).
 from . import aggregate, corruption, evaluate, profile, train
+from .errors import DEBUG_ENV, DEBUG_KEY, OneLineErrors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Accuracy-robustness pipeline stages. Normally run by `dvc repro`.")
 
 
 @app.callback()
-def main() -> None:
+def main(ctx: typer.Context,
+         debug: bool = typer.Option(False, "--debug", help=f"show full tracebacks (or set {DEBUG_ENV}=1)")) -> None:
     """Stages of the ARREST / AR-AT / CURE comparison pipeline."""
+    ctx.meta[DEBUG_KEY] = debug   # read by OneLineErrors; torchrun-started processes get --debug in their argv
 
 
 app.command("pretrain")(train.pretrain)

@@ -23,6 +23,7 @@ from rich.table import Table
 from ..io import write_json
 from .config import GateParams
 from .summary import NUMERIC_COLUMNS
+from ..errors import UserError
 
 Status = Literal["ok", "improved", "regressed", "missing", "new", "ignored"]
 FAILING: frozenset[str] = frozenset({"regressed", "missing"})
@@ -34,7 +35,7 @@ _EPS = 1e-9   # float slack so a move of exactly the tolerance passes
 _SHOWN = 5e-4  # smallest move listed without --all: what the table's 3 decimals can show
 
 
-class GateInputError(ValueError):
+class GateInputError(UserError, ValueError):
     """A metrics file the gate cannot use (missing, malformed, or from a different setup)."""
 
 

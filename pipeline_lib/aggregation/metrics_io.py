@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import read_json
+from ..errors import UserError
 
 # table column -> key in the evaluate stage's JSON
 EVAL_KEYS: dict[str, str] = {
@@ -30,7 +31,7 @@ CORRUPTION_KEY = "mean_corruption_acc"
 TRAIN_TIME_KEY = "train_time_s"
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """A metrics file is missing, unreadable or holds an impossible value (named in the message)."""
 
 

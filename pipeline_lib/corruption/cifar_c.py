@@ -22,6 +22,7 @@ from torchvision.datasets.utils import calculate_md5, download_url, extract_arch
 
 from ..data import DataUnavailableError
 from .store import LABELS
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ RELEASED: dict[str, ReleasedSet] = {
 IMAGES_PER_SEVERITY = 10_000
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """A downloaded or local archive does not have the published md5 (truncated or corrupted)."""
 
 

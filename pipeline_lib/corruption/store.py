@@ -17,13 +17,14 @@ import numpy as np
 
 from ..io import atomic_write, read_json, write_json
 from .config import ALL, SEVERITIES
+from ..errors import UserError
 
 LABELS = "labels.npy"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "arpipe-corrupted/1"
 
 
-class CorruptedSetError(ValueError):
+class CorruptedSetError(UserError, ValueError):
     """A corrupted-set folder or file is missing, truncated or inconsistent; the message names the file."""
 
 

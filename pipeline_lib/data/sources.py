@@ -9,15 +9,19 @@ or the extracted `cifar-10-batches-py` / `cifar-100-python` folder under `root`.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..io import atomic_path
+from .safe_pickle import UnsafePickleError, load_plain_pickle
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
@@ -36,25 +40,38 @@ CIFAR = {
 }
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """The dataset's files are not on disk and could not be fetched; the message says how to get them."""
+
+
+class DataFileError(UserError, ValueError):
+    """A dataset file is truncated or not in its published format; the message names the file."""
+
+
+REFETCH = "delete it so it is fetched or extracted again"
 
 
 # --------------------------------------------------------------------------- idx (MNIST family)
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally .gz): magic 0x0000 | dtype 0x08 (uint8) | ndim, then big-endian dims."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:   # a cut or damaged .gz
+        raise DataFileError(f"{path} is a truncated or corrupt gzip file ({exc}); {REFETCH}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 idx file (header {data[:4].hex()})")
+        raise DataFileError(f"{path} is not a uint8 idx file (header {data[:4].hex() or 'empty'}); {REFETCH}")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
+    if len(data) < offset:
+        raise DataFileError(f"{path} is truncated or corrupt: {len(data)} bytes cannot hold the {ndim} dims its "
+                            f"header announces; {REFETCH}")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = math.prod(dims)   # exact (Python ints): random headers must not overflow into a match
     if len(data) - offset != expected:
-        raise ValueError(f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), "
-                         f"file has {len(data) - offset}")
+        raise DataFileError(f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), "
+                            f"file has {len(data) - offset}; {REFETCH}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -97,7 +114,8 @@ def load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[Tensor,
     images = read_idx(raw / img_name)
     labels = read_idx(raw / lbl_name)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST files in {raw} disagree: images {images.shape}, labels {labels.shape}")
+        raise DataFileError(f"Fashion-MNIST files in {raw} disagree: images {images.shape}, labels {labels.shape}; "
+                            f"{REFETCH}")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -128,13 +146,30 @@ def ensure_cifar(name: str, root: Path, download: bool) -> Path:
 
 
 def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python pickle: dict with b'data' (N, 3072) uint8 in CHW order and a label list."""
-    with open(path, "rb") as fh:
-        entry = pickle.load(fh, encoding="latin1")
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(entry[label_key], dtype=np.int64)
+    """One CIFAR python pickle: dict with b'data' (N, 3072) uint8 in CHW order and a label list.
+
+    Loaded by the restricted unpickler (safe_pickle): a file that names any other global is refused.
+    """
+    try:
+        entry = load_plain_pickle(path)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError) as exc:   # what a cut or garbled pickle raises, depending on where it breaks
+        raise DataFileError(f"{path} is truncated or not a CIFAR python batch ({type(exc).__name__}: "
+                            f"{str(exc)[:120] or 'no message'}); {REFETCH}") from None
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        shown = sorted(map(str, entry))[:6] if isinstance(entry, dict) else type(entry).__name__
+        raise DataFileError(f"{path} is not a CIFAR python batch: expected a dict with 'data' and {label_key!r}, "
+                            f"got {shown}; {REFETCH}")
+    try:
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (ValueError, TypeError) as exc:
+        raise DataFileError(f"{path}: 'data' or {label_key!r} is not uint8 (N, 3072) images / integer labels "
+                            f"({exc}); {REFETCH}") from None
     if len(data) != len(labels):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+        raise DataFileError(f"{path}: {len(data)} images but {len(labels)} labels; {REFETCH}")
     return data, labels
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..schema import StrictModel
+from ..errors import UserError
 
 # Attack names pyautoattack 0.2.0 accepts (pyautoattack.autoattack.AttackName).
 AutoAttackName = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"]
@@ -112,7 +113,7 @@ class EvaluateParams(StrictModel):
 STANDARD_TARGET_CLASSES = 9   # AutoAttack's standard APGD-T / FAB-T targets
 
 
-class EvaluateConfigError(ValueError):
+class EvaluateConfigError(UserError, ValueError):
     """evaluate params that contradict the dataset or the threat model (message names key and value)."""
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from ..errors import UserError
 
 
-class ModelCheckError(ValueError):
+class ModelCheckError(UserError, ValueError):
     """The model cannot be evaluated as given (message names what is wrong and the fix)."""
 
 
