@@ -320,7 +320,11 @@ def parse_params(raw: Any, source: str = "params") -> Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"params file {path} does not exist")
+        raise ParamsError(f"params file {path} does not exist: pass --params FILE, or `arpipe profile` writes "
+                          "the default params.yaml")
+    if path.is_dir():
+        raise ParamsError(f"params file {path} is a directory: pass --params with the YAML file, e.g. "
+                          f"{path / 'params.yaml'}")
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import UserError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -50,6 +52,39 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], Any
     """Call `writer(fh)` on a binary handle and atomically install the result at `path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         writer(fh)
+
+
+class OutputPathError(UserError, OSError):
+    """An output path cannot be written; raised before any work, naming the path."""
+
+
+def check_writable(*paths: str | os.PathLike[str]) -> None:
+    """Fail before any work when one of `paths` could not be written at the end of it.
+
+    Each path must not be a directory, and its nearest existing ancestor must be a
+    directory where a file can be created. That is probed by creating (and removing) a
+    file there, so read-only mounts, ACLs and root behave exactly as the real write will.
+    """
+    probed: set[Path] = set()
+    for path in paths:
+        target = Path(path)
+        if target.is_dir():
+            raise OutputPathError(f"output {target} is a directory; remove it or choose another path")
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if folder in probed:
+            continue
+        if not folder.is_dir():
+            raise OutputPathError(f"cannot write {target}: {folder} is a file, not a directory")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".arpipe-write-check.", dir=folder)
+        except OSError as exc:
+            raise OutputPathError(f"cannot write {target}: {folder} is not writable ({exc.strerror}); make it "
+                                  "writable or choose another output path") from None
+        os.close(fd)
+        os.unlink(probe)
+        probed.add(folder)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

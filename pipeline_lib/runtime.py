@@ -12,6 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
+
+
+class RuntimeConfigError(UserError, ValueError):
+    """runtime.* asks for what this machine cannot do (a GPU, bf16); the message names the key and the fix."""
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU. An explicit 'cuda' without a GPU is an error."""
@@ -19,7 +25,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but no CUDA device is available")
+        raise RuntimeConfigError(f"runtime.device={name!r} but torch sees no CUDA device on this machine "
+                                 "(torch.cuda.is_available() is False); set runtime.device: auto or cpu")
     return device
 
 
@@ -61,11 +68,11 @@ def check_amp(amp: str, device: torch.device) -> None:
     if amp == "none":
         return
     if amp != "bf16":
-        raise ValueError(f"runtime.amp={amp!r} is not supported; use 'none' or 'bf16'")
+        raise RuntimeConfigError(f"runtime.amp={amp!r} is not supported; use 'none' or 'bf16'")
     if not torch.amp.is_autocast_available(device.type):
-        raise ValueError(f"runtime.amp=bf16: torch has no autocast for device {device}; use amp: none")
+        raise RuntimeConfigError(f"runtime.amp=bf16: torch has no autocast for device {device}; use amp: none")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"runtime.amp=bf16: {torch.cuda.get_device_name(device)} has no bf16 support "
+        raise RuntimeConfigError(f"runtime.amp=bf16: {torch.cuda.get_device_name(device)} has no bf16 support "
                          "(needs compute capability >= 8.0, e.g. A100/H100/RTX 30xx); use amp: none")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from pipeline_lib.io import check_writable
+
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
 
@@ -27,6 +29,7 @@ def aggregate(
     from pipeline_lib.aggregation.references import published_points
 
     p = load_or_exit(params)
+    check_writable(table, markdown, summary, plot)
     try:
         if p.aggregate.reference == "published":   # a broken shipped table should fail before any work
             published_points(p.aggregate.published_table, p.aggregate.reference_models, p.aggregate.published_sources)
@@ -57,6 +60,7 @@ def gate(
     try:
         cur = load_metrics(current)
         if update:
+            check_writable(baseline)
             write_baseline(cur, baseline, profile, current)
             out.print(f"wrote baseline {baseline} from {current}")
             return

@@ -14,6 +14,8 @@ from pipeline_lib.config import Params, ParamsError, load_params
 console = Console(stderr=True)
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (DVC's params.yaml)")
+ALLOW_NAME_MISMATCH = typer.Option(False, "--allow-name-mismatch",
+                                   help="evaluate a checkpoint trained as another method under NAME, on purpose")
 
 
 def load_or_exit(path: Path) -> Params:

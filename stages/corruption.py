@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .common import PARAMS_OPTION, console, fail, load_or_exit
+from pipeline_lib.io import check_writable
+
+from .common import ALLOW_NAME_MISMATCH, PARAMS_OPTION, console, fail, load_or_exit
 
 
 def corrupt(
@@ -16,13 +18,12 @@ def corrupt(
 ) -> None:
     """Generate the corrupted test set (any dataset) or fetch the released CIFAR-10-C / CIFAR-100-C."""
     from pipeline_lib.corruption.build_set import build_corrupted_set
-    from pipeline_lib.corruption.cifar_c import ChecksumError
-    from pipeline_lib.data import DataUnavailableError
 
     p = load_or_exit(params)
+    check_writable(out / "manifest.json", samples)
     try:
         result = build_corrupted_set(p, out, samples)
-    except (ValueError, DataUnavailableError, ChecksumError) as exc:   # CorruptedSetError is a ValueError
+    except ValueError as exc:   # the set builder's checks of params against the data
         raise fail(str(exc)) from None
     skipped = ", ".join(f"{m} ({r})" for m, r in result["skipped"].items()) or "none"
     console.print(f"corrupt: {result['source']} {result['dataset']}, {len(result['corruptions'])} + "
@@ -37,16 +38,13 @@ def corruption(
     metrics: Path = typer.Option(..., help="metrics JSON to write"),
     heatmap: Path = typer.Option(..., help="accuracy heatmap PNG to write"),
     params: Path = PARAMS_OPTION,
+    allow_name_mismatch: bool = ALLOW_NAME_MISMATCH,
 ) -> None:
     """Accuracy on every corruption x severity, the mean corruption accuracy and a heatmap."""
     from pipeline_lib.corruption.eval_job import run_corruption_eval
-    from pipeline_lib.corruption.store import CorruptedSetError
-    from pipeline_lib.data import DataUnavailableError
 
     p = load_or_exit(params)
-    try:
-        result = run_corruption_eval(p, name, model, data, metrics, heatmap)
-    except (CorruptedSetError, DataUnavailableError) as exc:
-        raise fail(str(exc)) from None
+    check_writable(metrics, heatmap)
+    result = run_corruption_eval(p, name, model, data, metrics, heatmap, allow_name_mismatch=allow_name_mismatch)
     console.print(f"corruption@{name}: clean_acc={result['clean_acc']:.4f} "
                   f"mean_corruption_acc={result['mean_corruption_acc']:.4f}")

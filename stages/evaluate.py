@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .common import PARAMS_OPTION, console, fail, load_or_exit
+from pipeline_lib.io import check_writable
+
+from .common import ALLOW_NAME_MISMATCH, PARAMS_OPTION, console, fail, load_or_exit
 
 STATE_DIR = Path("cache/eval_state")  # resumable state, outside DVC's outputs so a rerun can resume
 
@@ -20,19 +22,17 @@ def evaluate(
     log: Path = typer.Option(..., help="evaluation log, AutoAttack's log included"),
     plot: Path = typer.Option(..., help="PNG: accuracy per attack and against eps"),
     params: Path = PARAMS_OPTION,
+    allow_name_mismatch: bool = ALLOW_NAME_MISMATCH,
 ) -> None:
     """Clean, FGSM, PGD, CW and AutoAttack accuracy on the first n_eval test images (resumable)."""
-    from pipeline_lib.evaluation.config import EvaluateConfigError
     from pipeline_lib.evaluation.job import EvalOutputs, run_evaluation
-    from pipeline_lib.evaluation.model_checks import ModelCheckError
 
     p = load_or_exit(params)
     if not model.exists():
         raise fail(f"model checkpoint {model} does not exist")
-    try:
-        result = run_evaluation(p, name, model, EvalOutputs(metrics, record, log, plot, STATE_DIR / name))
-    except (EvaluateConfigError, ModelCheckError) as exc:
-        raise fail(str(exc)) from None
+    out = EvalOutputs(metrics, record, log, plot, STATE_DIR / name)
+    check_writable(metrics, record, log, plot, out.state_dir / "state.pt")
+    result = run_evaluation(p, name, model, out, allow_name_mismatch=allow_name_mismatch)
     console.print(f"evaluate@{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.endswith("_acc"))
                   + f" ({result['eval_time_s']:.1f} s)")
     for message in result["warnings"]:

@@ -18,7 +18,7 @@ import typer
 import yaml
 
 from pipeline_lib.config import parse_params
-from pipeline_lib.io import write_text
+from pipeline_lib.io import check_writable, write_text
 from pipeline_lib.profiles import (BASE_NAME, COMPOSED_MARK, CONF_DIR, PARAMS_FILE, PROFILE_DIR, ProfileError,
                                    available, base_text, compose, compose_hydra, default_text, describe, drift, dump)
 
@@ -49,6 +49,7 @@ def profile(
         if check:
             _check(out, conf_dir)
             return
+        check_writable(out)
         if base is not None:
             with open(base, encoding="utf-8") as fh:
                 composed = compose(yaml.safe_load(fh), names, profile_dir)

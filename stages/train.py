@@ -8,12 +8,15 @@ processes it starts see torchrun's environment and train instead of relaunching.
 from __future__ import annotations
 
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import typer
 
 from pipeline_lib import distributed
 from pipeline_lib.config import Params
+from pipeline_lib.io import check_writable
+from pipeline_lib.runtime import resolve_device
 
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
@@ -24,6 +27,7 @@ def relaunch_if_asked(p: Params, stage: str) -> None:
     """Re-run this very command (sys.argv) under torchrun when params ask for several processes;
     exits with torchrun's exit code. A no-op inside a torchrun-started process."""
     rt = p.runtime
+    resolve_device(rt.device)   # no GPU for runtime.device: cuda is one line here, not one per started process
     if distributed.launch_needed(rt.nproc_per_node, rt.nnodes):
         raise typer.Exit(distributed.relaunch(sys.argv[1:], nproc_per_node=rt.nproc_per_node, nnodes=rt.nnodes,
                                               rdzv_endpoint=rt.rdzv_endpoint, run_id=stage))
@@ -39,8 +43,10 @@ def pretrain(
     from pipeline_lib.training import TrainOutputs, pretrain_job, run_training
 
     p = load_or_exit(params)
+    outputs = TrainOutputs(out, metrics, history, STATE_DIR / "pretrain.pt")
+    check_writable(*astuple(outputs))
     relaunch_if_asked(p, "pretrain")
-    result = run_training(p, pretrain_job(p), TrainOutputs(out, metrics, history, STATE_DIR / "pretrain.pt"))
+    result = run_training(p, pretrain_job(p), outputs)
     if distributed.is_main_process():
         console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
 
@@ -63,8 +69,9 @@ def finetune(
     if needs_pretrained(job) and not pretrained.exists():
         raise fail(f"finetune@{method} starts from or distils the pretrained model, but {pretrained} does not "
                    "exist; run `dvc repro pretrain` (or `arpipe pretrain`) first")
+    outputs = TrainOutputs(out, metrics, history, STATE_DIR / f"finetune-{method}.pt")
+    check_writable(*astuple(outputs))
     relaunch_if_asked(p, f"finetune@{method}")
-    result = run_training(p, job, TrainOutputs(out, metrics, history, STATE_DIR / f"finetune-{method}.pt"),
-                          pretrained=pretrained)
+    result = run_training(p, job, outputs, pretrained=pretrained)
     if distributed.is_main_process():
         console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")

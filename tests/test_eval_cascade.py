@@ -98,6 +98,23 @@ def test_a_state_from_another_configuration_is_ignored(trained: nn.Module,
     assert fresh.calls["fgsm"] == 4 and fresh.calls["pgd"] == 4, "stale state must not be reused"
 
 
+def test_an_unreadable_state_is_moved_aside_and_the_evaluation_starts_afresh(
+        trained: nn.Module, tiny_batch: tuple[torch.Tensor, torch.Tensor], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    steps = steps_for(trained, _params(), EPS)
+    state = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        _run(trained, tiny_batch, Instrumented(steps, kill_at=("cw", 2)), state)
+    state.write_bytes(state.read_bytes()[:-40])              # truncated: the zip directory at its end is gone
+    fresh = Instrumented(steps)
+    with caplog.at_level("WARNING"):
+        record = _run(trained, tiny_batch, fresh, state)
+    _same(record, _run(trained, tiny_batch, Instrumented(steps), None))
+    assert fresh.calls["fgsm"] == 4, "nothing can be reused from an unreadable state"
+    assert (tmp_path / "state.pt.corrupt").exists() and EvalRecord.load_state(state, "fp", record.steps)
+    assert any(str(state) in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+
+
 def test_cascade_mode_attacks_only_what_earlier_attacks_left_robust(
         trained: nn.Module, tiny_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     steps = steps_for(trained, _params(), EPS)

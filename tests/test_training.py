@@ -124,6 +124,27 @@ def test_state_of_another_configuration_is_ignored(make_ctx: Any, tmp_path: Path
     assert checkpoint.load(state)["fingerprint"] == "config-B"
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["cut-in-half", "empty"])
+def test_unreadable_state_is_moved_aside_and_training_starts_afresh(make_ctx: Any, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture,
+                                                                   keep: float) -> None:
+    state = tmp_path / "state.pt"
+    with pytest.raises(SimulatedKill):
+        _train(make_ctx, state_path=state, objective_cls=_killed_at(4 + 3))
+    blob = state.read_bytes()
+    state.write_bytes(blob[:int(len(blob) * keep)])          # a copy or disk that gave out mid-file
+
+    with caplog.at_level("WARNING"):
+        rerun = _train(make_ctx, state_path=state)
+    assert rerun.resumed_from_epoch == 0
+    assert _same_weights(rerun.model, _train(make_ctx).model)     # a fresh run, not a failure on every rerun
+    aside = tmp_path / "state.pt.corrupt"
+    assert aside.read_bytes() == blob[:int(len(blob) * keep)]
+    assert checkpoint.load(state)["epoch"] == OPTIM.epochs        # the rerun wrote a good state again
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in warning and str(state) in warning and str(aside) in warning
+
+
 def _lr_of_epochs(make_ctx: Any, optim: OptimParams) -> list[float]:
     history = _train(make_ctx, "standard", optim=optim).history
     return [r["lr"] for r in history]
@@ -147,7 +168,7 @@ def test_non_finite_loss_stops_training(make_ctx: Any) -> None:
             out = super().loss(model, x, y)
             return StepOutput(out.loss * float("nan"), out.logits)
 
-    with pytest.raises(FloatingPointError, match="non-finite training loss in epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at epoch 1, batch 1/4: .*optim.lr"):
         _train(make_ctx, objective_cls=Diverging)
 
 

@@ -18,7 +18,7 @@ from .store import CorruptedSetError, open_set
 
 
 def run_corruption_eval(p: Params, name: str, model_path: Path, set_dir: Path, metrics_path: Path,
-                        heatmap_path: Path) -> dict[str, Any]:
+                        heatmap_path: Path, *, allow_name_mismatch: bool = False) -> dict[str, Any]:
     configure_determinism(p.runtime.deterministic)
     device = resolve_device(p.runtime.device)
     cset, manifest = open_set(set_dir)
@@ -27,8 +27,10 @@ def run_corruption_eval(p: Params, name: str, model_path: Path, set_dir: Path, m
         raise CorruptedSetError(f"{set_dir} holds corrupted {manifest['dataset']} images but data.dataset is "
                                 f"{dataset!r}: run the corrupt stage again")
     model, meta = checkpoint.load_model(model_path, device)
+    checkpoint.check_model_name(meta, name, model_path, allow=allow_name_mismatch)
     if meta["dataset"] != dataset:
-        raise ValueError(f"{model_path} was trained on {meta['dataset']}, not data.dataset={dataset!r}")
+        raise checkpoint.CheckpointError(f"{model_path} was trained on {meta['dataset']}, not "
+                                         f"data.dataset={dataset!r}")
     n = int(manifest["n_images"])
     x, y = load_test(dataset, p.data.root, n, p.data.download)
     stage = f"corruption@{name}"

@@ -68,7 +68,10 @@ def eps_curve(acc: dict[str, float], e: EvaluateParams, eps: float) -> list[tupl
     return sorted(pts)
 
 
-def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs) -> dict[str, Any]:
+def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
+                   allow_name_mismatch: bool = False) -> dict[str, Any]:
+    """Evaluate the checkpoint at `model_path` as model `name` (it must have been trained as `name`,
+    unless `allow_name_mismatch`) and write `out`; resumes from out.state_dir."""
     e = p.evaluate
     eps = p.threat.eps
     spec = get_spec(p.data.dataset)
@@ -78,6 +81,7 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs) -> 
         torch.set_num_threads(p.runtime.num_threads)
     device = resolve_device(p.runtime.device)
     model, meta = checkpoint.load_model(model_path, device)
+    checkpoint.check_model_name(meta, name, model_path, allow=allow_name_mismatch)
     if meta["dataset"] != p.data.dataset:
         raise EvaluateConfigError(f"{model_path} was trained on {meta['dataset']}, params evaluate on "
                                   f"data.dataset={p.data.dataset}")

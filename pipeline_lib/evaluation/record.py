@@ -79,10 +79,9 @@ class EvalRecord:
     @classmethod
     def load_state(cls, path: str | Path, fingerprint: str, steps: Sequence[str]) -> EvalRecord | None:
         """The saved record if it belongs to this exact evaluation (same fingerprint and steps), else None."""
-        path = Path(path)
-        if not path.exists():
+        state = checkpoint.load_resume_state(path)   # unreadable: moved aside, the evaluation starts afresh
+        if state is None:
             return None
-        state = checkpoint.load(path)
         if (state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint
                 or list(state.get("steps", [])) != list(steps)):
             return None

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint, distributed
-from ..config import AttackParams, OptimParams, Params
+from ..config import AttackParams, OptimParams, Params, ParamsError
 from ..data import BatchLoader, get_spec, load_test, load_train
 from ..io import atomic_write, write_json
 from ..methods import Objective, ObjectiveContext, build_objective
@@ -147,7 +147,8 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
     # Every rank measures the (small) validation set whole: identical models, identical numbers.
     val = BatchLoader(x_va, y_va, 500, device=device, storage=rt.loader, memory_format=fmt)
     if len(loader) == 0:
-        raise ValueError(f"{job.name}: batch_size={job.optim.batch_size} exceeds the {len(x_tr)} training images")
+        raise ParamsError(f"{job.name}: batch_size={job.optim.batch_size} exceeds the {len(x_tr)} training images "
+                          "(data.n_train); lower the batch size or use more images")
 
     seed_everything(p.seed)
     model = build_model(p.model.arch, spec)
@@ -155,12 +156,17 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
     if init_path is not None:
         base, meta = checkpoint.load_model(init_path)
         if meta["arch"] != p.model.arch or meta["dataset"] != p.data.dataset:
-            raise ValueError(f"{init_path} holds {meta['arch']} on {meta['dataset']}, params ask for "
-                             f"{p.model.arch} on {p.data.dataset}")
+            raise checkpoint.CheckpointError(
+                f"pretrained checkpoint {init_path} holds {meta['arch']} on {meta['dataset']}, but params ask for "
+                f"model.arch={p.model.arch} on data.dataset={p.data.dataset}: pass the matching --pretrained "
+                "checkpoint or change the params")
         model.load_state_dict(base.state_dict())
     teacher = None
     if needs_teacher:
-        teacher, _ = checkpoint.load_model(pretrained, device)  # type: ignore[arg-type]
+        teacher, teacher_meta = checkpoint.load_model(pretrained, device)  # type: ignore[arg-type]
+        if teacher_meta["dataset"] != p.data.dataset:
+            raise checkpoint.CheckpointError(f"teacher checkpoint {pretrained} was trained on {teacher_meta['dataset']}, "
+                                             f"params train on data.dataset={p.data.dataset}")
         teacher.requires_grad_(False).eval().to(memory_format=fmt)
     ctx = ObjectiveContext(attack=job.attack, num_classes=spec.num_classes, device=device,
                            input_shape=(spec.channels, spec.image_size, spec.image_size), teacher=teacher,

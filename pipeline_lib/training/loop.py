@@ -43,11 +43,13 @@ from tqdm.auto import tqdm
 from .. import checkpoint, distributed
 from ..config import OptimParams
 from ..data import BatchLoader
+from ..errors import UserError
 from ..evaluation import accuracy
 from ..methods import Objective
 from ..runtime import autocast, seed_everything
 
 STATE_FORMAT = "arpipe-train-state/1"
+NONFINITE_CHECK_EVERY = 10   # steps between host reads of the non-finite-loss flag (one process)
 
 
 @dataclass
@@ -55,6 +57,19 @@ class FitResult:
     model: nn.Module                                     # the trained model (training form)
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The training loss became nan or inf; the message names where and the likely cause."""
+
+
+def diverged(desc: str, epoch: int, batch: int, n_batches: int, loss: float, o: OptimParams) -> TrainingDivergedError:
+    """The error for a non-finite loss at (0-based) `epoch`, `batch` (-1: not seen on this rank)."""
+    where = f"epoch {epoch + 1}, batch {batch + 1}/{n_batches}" if batch >= 0 else f"epoch {epoch + 1}"
+    return TrainingDivergedError(
+        f"{desc}: the training loss became {loss} at {where}: training diverged, nothing of this epoch was "
+        f"saved; the usual cause is a step too large: lower optim.lr (now {o.lr:g}) or optim.weight_decay "
+        f"(now {o.weight_decay:g})")
 
 
 def make_optimizer(params: list[nn.Parameter], o: OptimParams) -> torch.optim.Optimizer:
@@ -100,12 +115,13 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
     history: list[dict[str, float]] = []
     start = 0
     rank, main = distributed.rank(), distributed.is_main_process()
+    single = distributed.world_size() == 1   # mid-epoch stops only alone: ranks must leave the epoch together
     distributed.broadcast_module_(model)   # identical starting weights on every rank (no-op in one process)
     distributed.broadcast_module_(extra)
 
     state = None
-    if main and state_path is not None and Path(state_path).exists():
-        state = checkpoint.load(state_path)
+    if main and state_path is not None:
+        state = checkpoint.load_resume_state(state_path)   # unreadable: moved aside, training starts afresh
     state = distributed.broadcast_object(state)   # rank 0 reads; a shared filesystem is not required
     if state is not None:
         if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
@@ -137,13 +153,22 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
         extra.train()
         sums: dict[str, torch.Tensor | float] = {}
         seen = 0
+        # Batch index of the epoch's first non-finite loss (-1: none) and that loss, kept on the device
+        # so no step waits for the host; read every NONFINITE_CHECK_EVERY steps (one process) and at the end.
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        bad_loss = torch.zeros((), device=device)
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", disable=not (progress and main), leave=False,
                    mininterval=1.0)
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
             opt.zero_grad(set_to_none=True)
             with autocast(amp, device):
                 out = objective.loss(model, x, y)
             out.loss.backward()
+            newly_bad = (first_bad < 0) & ~torch.isfinite(out.loss.detach())
+            first_bad = torch.where(newly_bad, i, first_bad)
+            bad_loss = torch.where(newly_bad, out.loss.detach().float(), bad_loss)
+            if single and (i + 1) % NONFINITE_CHECK_EVERY == 0 and bool(first_bad >= 0):
+                raise diverged(desc, epoch, int(first_bad), len(loader), float(bad_loss), optim)
             distributed.average_gradients(params)   # before the objective's gradient hook (CURE's mask)
             objective.before_optimizer_step(model)
             opt.step()
@@ -162,8 +187,9 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
         seen_all = totals.pop("_seen")
         record.update({k: v / max(seen_all, 1.0) for k, v in totals.items()})
         distributed.average_unsynced_bn_buffers_(model)   # runtime.sync_bn: false keeps per-rank statistics
-        if not math.isfinite(record["train_loss"]):
-            raise FloatingPointError(f"{desc}: non-finite training loss in epoch {epoch + 1}: {record['train_loss']}")
+        if not math.isfinite(record["train_loss"]):   # global over the ranks: every rank stops here together
+            raise diverged(desc, epoch, int(first_bad), len(loader), float(bad_loss) if first_bad >= 0
+                           else record["train_loss"], optim)
         record.update(objective.on_epoch_end(model, epoch))
         record["val_clean_acc"] = accuracy(model, val)
         record["epoch_time_s"] = time.perf_counter() - t0
