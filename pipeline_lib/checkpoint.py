@@ -41,8 +41,18 @@ def save(path: str | Path, obj: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+REWRITE = "delete it and rerun the stage that writes it"
+
+
 class CheckpointError(UserError, ValueError):
-    """A checkpoint file is unreadable, not an arpipe checkpoint, or does not fit its header; names the file."""
+    """A checkpoint file is unreadable, not an arpipe checkpoint, or does not fit its header; names the file.
+
+    `problem` is what is wrong (the resume-state recovery reports it alone), `fix` what to do.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}: {fix}" if fix else problem)
+        self.problem = problem
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -53,18 +63,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): delete it and rerun the stage that writes it")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)", REWRITE)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:   # weights_only refused the file: code, objects or garbage
-        raise CheckpointError(f"checkpoint {path} was refused by weights-only loading ({_refusal(exc)}): arpipe "
-                              "checkpoints hold tensors and primitives only; delete it and rerun the stage that "
-                              "writes it") from None
+        raise CheckpointError(f"checkpoint {path} was refused by weights-only loading ({_refusal(exc)})",
+                              f"arpipe checkpoints hold tensors and primitives only; {REWRITE}") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as exc:
         # zip reader / pickle errors of a truncated or foreign file (torch words them in many ways)
         raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a torch "
-                              f"checkpoint ({type(exc).__name__}: {_first_line(exc)}): delete it and rerun the "
-                              "stage that writes it") from None
+                              f"checkpoint ({type(exc).__name__}: {_first_line(exc)})", REWRITE) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj
@@ -102,7 +110,7 @@ def load_resume_state(path: str | Path) -> dict[str, Any] | None:
     except CheckpointError as exc:
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
-        log.warning("%s; moved it to %s, starting afresh", exc, aside)
+        log.warning("%s; moved it to %s, starting afresh", exc.problem, aside)
         return None
 
 

@@ -1,7 +1,7 @@
 """One line per error, for every `arpipe` command: the command group that turns exceptions into it.
 
     UserError (bad file / value / path)   ->  "error: <message>"                       exit 2
-    OSError naming a file (EACCES, ...)    ->  "error: <file>: <strerror>"               exit 2
+    OSError (EACCES, ENOSPC, ...)          ->  "error: <file>: <strerror>"               exit 2
     anything else (a bug)                 ->  "error: unexpected <Type>: <message> ..."  exit 1
 
 `arpipe --debug` or ARPIPE_DEBUG=1 lets the exception through with its full traceback.
@@ -39,8 +39,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """(the one line, the exit code) for an exception that escaped a command."""
     if isinstance(exc, UserError):
         return one_line(str(exc)), 2
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or one_line(str(exc))}", 2
+    if isinstance(exc, OSError):   # the environment: permissions, a full disk, a missing file
+        named = exc.filename is not None and exc.strerror
+        return (f"{exc.filename}: {exc.strerror}" if named else one_line(str(exc))), 2
     text = one_line(str(exc))
     if len(text) > MAX_UNEXPECTED:
         text = text[:MAX_UNEXPECTED] + " ..."

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,7 +19,8 @@ from typer.testing import CliRunner
 
 from datafiles import REPO, tiny_params, write_fashion_mnist
 from pipeline_lib import checkpoint
-from pipeline_lib.data import get_spec
+from pipeline_lib.corruption.store import write_manifest, write_set
+from pipeline_lib.data import get_spec, load_test
 from pipeline_lib.data.sources import FASHION_FILES
 from pipeline_lib.io import read_json
 from pipeline_lib.models import build_model
@@ -168,13 +170,30 @@ def test_a_checkpoint_is_not_filed_under_another_methods_name(work: Path) -> Non
     line = _one_line_error(_evaluate_args("trades", "models/pgd_at.pt"))
     assert "models/pgd_at.pt holds the model trained as 'pgd_at'" in line and "evaluated as 'trades'" in line
     assert not (work / "metrics").exists()
-    line = _one_line_error(["corruption", "trades", "--model", "models/pgd_at.pt", "--data", "corrupt",
-                            "--metrics", "c.json", "--heatmap", "c.png"])
-    assert "trained as 'pgd_at'" in line
+    corruption = ["corruption", "trades", "--model", "models/pgd_at.pt", "--data", str(_corrupted_set(work)),
+                  "--metrics", "c.json", "--heatmap", "c.png"]
+    assert "trained as 'pgd_at'" in _one_line_error(corruption)
+    assert not (work / "c.json").exists()
 
-    result = CliRunner().invoke(app, [*_evaluate_args("trades", "models/pgd_at.pt"), "--allow-name-mismatch"])
-    assert result.exit_code == 0, result.output
-    assert 0 <= read_json(work / "metrics" / "eval" / "trades.json")["clean_acc"] <= 1
+    for args, metrics in ((_evaluate_args("trades", "models/pgd_at.pt"), work / "metrics" / "eval" / "trades.json"),
+                          (corruption, work / "c.json")):
+        result = CliRunner().invoke(app, [*args, "--allow-name-mismatch"])
+        assert result.exit_code == 0, result.output
+        assert 0 <= read_json(metrics)["clean_acc"] <= 1
+
+
+def _corrupted_set(root: Path, n: int = 16) -> Path:
+    """A corrupt-stage output folder with one corruption (noisy copies of the first n test images)."""
+    x, y = load_test("fashion_mnist", root, n)
+    images = x.permute(0, 2, 3, 1).numpy()                                      # (n, H, W, C) uint8
+    rng = np.random.default_rng(0)
+    noisy = np.concatenate([np.clip(images + rng.integers(0, 40 * s, images.shape), 0, 255).astype(np.uint8)
+                            for s in range(1, 6)])                              # (5 n, H, W, C): severities 1..5
+    folder = root / "corrupt"
+    write_set(folder, {"gaussian_noise": noisy}, y.numpy())
+    write_manifest(folder, {"dataset": "fashion_mnist", "data_dir": ".", "source": "generated", "n_images": n,
+                            "corruptions": ["gaussian_noise"], "extra": []})
+    return folder
 
 
 # --------------------------------------------------------------------------- --debug
@@ -199,3 +218,25 @@ def test_traceback_only_with_debug(work: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("ARPIPE_DEBUG", "1")          # the variable lets the exception through as well
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, checkpoint.CheckpointError)
+
+
+def test_other_exceptions_are_one_line_too(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (not a UserError) still prints one line, exit 1, pointing at --debug; a file the OS refuses
+    names the file. Planted: a multi-line RuntimeError from inside the stage, a permission error."""
+    import pipeline_lib.evaluation.job as job
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("first line\n" + "tensor dump\n" * 500)
+
+    monkeypatch.setattr(job, "run_evaluation", broken)
+    result = CliRunner().invoke(app, _evaluate_args("pgd_at", "models/pgd_at.pt"))
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and len(lines[0]) < 500, result.output
+    assert lines[0].startswith("error: unexpected RuntimeError: first line tensor dump") and "--debug" in lines[0]
+
+    def denied(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", "metrics/eval/pgd_at.json")
+
+    monkeypatch.setattr(job, "run_evaluation", denied)
+    assert _one_line_error(_evaluate_args("pgd_at", "models/pgd_at.pt")) == \
+        "error: metrics/eval/pgd_at.json: Permission denied"

@@ -21,16 +21,16 @@ def run_corruption_eval(p: Params, name: str, model_path: Path, set_dir: Path, m
                         heatmap_path: Path, *, allow_name_mismatch: bool = False) -> dict[str, Any]:
     configure_determinism(p.runtime.deterministic)
     device = resolve_device(p.runtime.device)
+    cset, manifest = open_set(set_dir)
     dataset = p.data.dataset
+    if manifest["dataset"] != dataset:
+        raise CorruptedSetError(f"{set_dir} holds corrupted {manifest['dataset']} images but data.dataset is "
+                                f"{dataset!r}: run the corrupt stage again")
     model, meta = checkpoint.load_model(model_path, device)
     checkpoint.check_model_name(meta, name, model_path, allow=allow_name_mismatch)
     if meta["dataset"] != dataset:
         raise checkpoint.CheckpointError(f"{model_path} was trained on {meta['dataset']}, not "
                                          f"data.dataset={dataset!r}")
-    cset, manifest = open_set(set_dir)
-    if manifest["dataset"] != dataset:
-        raise CorruptedSetError(f"{set_dir} holds corrupted {manifest['dataset']} images but data.dataset is "
-                                f"{dataset!r}: run the corrupt stage again")
     n = int(manifest["n_images"])
     x, y = load_test(dataset, p.data.root, n, p.data.download)
     stage = f"corruption@{name}"
