@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,9 +52,11 @@ def quiet_mlflow() -> None:
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, at most `limit` characters (SQLAlchemy errors carry the SQL)."""
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0] if text else ''}"
+    """`Type: first line of the message`, at most `limit` characters. SQLAlchemy's errors run over many
+    lines (the SQL, its parameters): their cause is the line `(sqlite3.OperationalError) ...`."""
+    text = [t for t in str(exc).strip().splitlines() if t.strip()]
+    cause = next((t for t in text if re.match(r"\([\w.]+Error\) ", t)), text[0] if text else "")
+    line = f"{type(exc).__name__}: {cause}"
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
