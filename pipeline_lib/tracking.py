@@ -7,14 +7,20 @@ runs in the UI. Every MLflow call goes through `Tracker`, which turns a failure
 Store: $MLFLOW_TRACKING_URI if set, else `sqlite:///<project root>/mlflow.db`
 (MLflow >= 3.13 refuses a ./mlruns file store). Runs of one pipeline land in one
 experiment; the tags `stage`, `method` and `group` let the UI line methods up.
+
+Run hygiene after a kill: a stage's run id is kept in `cache/mlflow_runs/<stage>.json` until the
+stage finishes. A resumed stage (same resume key: the fingerprint of its resumable state)
+continues that run and logs only the epochs it does not hold yet; a stage that cannot resume
+closes the interrupted run as KILLED, tags it with the run that replaces it, and says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import subprocess
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -22,9 +28,36 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# MLflow's HTTP defaults retry a tracking server that does not answer for minutes (7 retries,
+# exponential backoff, 120 s timeout: 281 s measured on a dead port) before the stage goes on
+# without tracking. Unless the user set them, a dead server is given up in seconds.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+# Loggers that print a store failure's whole traceback (MLflow logs SQLAlchemy errors with
+# logger.exception before re-raising them): the Tracker's one warning line replaces them.
+QUIET_LOGGERS = ("mlflow.store", "mlflow.tracking", "mlflow.utils.rest_utils", "sqlalchemy", "alembic", "urllib3")
+RUNS_DIR = Path("cache") / "mlflow_runs"   # under the project root: run ids of unfinished stages
+
 
 def default_tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def quiet_mlflow() -> None:
+    """HTTP give-up defaults (the user's own settings win) and silent store loggers; call before MLflow."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, at most `limit` characters. SQLAlchemy's errors run over many
+    lines (the SQL, its parameters): their cause is the line `(sqlite3.OperationalError) ...`."""
+    text = [t for t in str(exc).strip().splitlines() if t.strip()]
+    cause = next((t for t in text if re.match(r"\([\w.]+Error\) ", t)), text[0] if text else "")
+    line = f"{type(exc).__name__}: {cause}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def git_commit(root: str | Path = ".") -> str:
@@ -48,53 +81,115 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """Context manager around one MLflow run. Disabled (all calls no-ops) after any failure."""
+    """Context manager around one MLflow run. Disabled (all calls no-ops) after any failure.
+
+    `resume_key`: what the stage's resumable state is keyed by (its fingerprint). A top-level run
+    with the key of the interrupted run in `cache/mlflow_runs/` continues that run (`resumed`);
+    with another key or none, the interrupted run is closed as KILLED (see the module docstring).
+    """
 
     def __init__(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
-                 enabled: bool = True, root: str | Path = ".", nested: bool = False) -> None:
+                 enabled: bool = True, root: str | Path = ".", nested: bool = False,
+                 resume_key: str | None = None) -> None:
         self.experiment = experiment
         self.run_name = run_name
         self.tags = {"git_commit": git_commit(root), **(tags or {})}
         self.enabled = enabled and os.environ.get("ARPIPE_MLFLOW", "1") != "0"
         self.root = Path(root)
         self.nested = nested  # a child of the run active when it starts (see `child`)
+        self.resume_key = resume_key
         self._mlflow: Any = None
         self.run_id: str | None = None
+        self.resumed = False   # this run continues the run of an interrupted invocation of the stage
+
+    @property
+    def marker(self) -> Path:
+        """Where the run id of this stage's unfinished run is kept (top-level runs only)."""
+        return self.root / RUNS_DIR / f"{self.run_name}.json"
 
     def _fail(self, what: str, exc: BaseException) -> None:
-        warnings.warn(f"MLflow {what} failed ({type(exc).__name__}: {exc}); outputs are still written, "
-                      "MLflow logging is off for the rest of this stage", RuntimeWarning, stacklevel=3)
+        log.warning("MLflow %s failed (%s); outputs are still written, MLflow logging is off for the rest "
+                    "of %s", what, first_line(exc), self.run_name)
         self.enabled = False
 
     def __enter__(self) -> Tracker:
         if not self.enabled:
             return self
         try:
+            quiet_mlflow()
             import mlflow
 
-            logging.getLogger("alembic").setLevel(logging.WARNING)
-            mlflow.set_tracking_uri(default_tracking_uri(self.root))
+            uri = default_tracking_uri(self.root)
+            mlflow.set_tracking_uri(uri)
             if mlflow.get_experiment_by_name(self.experiment) is None:
                 mlflow.create_experiment(self.experiment,
                                          artifact_location=(self.root.resolve() / "mlartifacts").as_uri())
             mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested)
+            interrupted = None if self.nested else self._interrupted_run(mlflow, uri)
+            if interrupted is not None and self.resume_key is not None and interrupted.get("key") == self.resume_key:
+                run = mlflow.start_run(run_id=interrupted["run_id"])
+                mlflow.set_tags(self.tags)
+                self.resumed = True
+            else:
+                run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested)
+                if interrupted is not None:
+                    self._close_replaced(mlflow, interrupted["run_id"], run.info.run_id)
             self._mlflow = mlflow
             self.run_id = run.info.run_id
+            if not self.nested:
+                from .io import write_json
+
+                write_json(self.marker, {"run_id": self.run_id, "tracking_uri": uri, "key": self.resume_key})
         except Exception as exc:  # noqa: BLE001 - any failure must only disable logging
             self._fail("start", exc)
         return self
+
+    def _interrupted_run(self, mlflow: Any, uri: str) -> dict[str, Any] | None:
+        """The marker of this stage's unfinished run when that run is still in this store, else None."""
+        try:
+            found = json.loads(self.marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(found, dict) or found.get("tracking_uri") != uri:
+            return None
+        try:
+            run = mlflow.MlflowClient().get_run(found["run_id"])
+        except Exception:  # noqa: BLE001 - deleted or never stored: nothing to continue or close
+            return None
+        return found if run.info.lifecycle_stage == "active" else None
+
+    def _close_replaced(self, mlflow: Any, old: str, new: str) -> None:
+        client = mlflow.MlflowClient()
+        if client.get_run(old).info.status == "RUNNING":
+            client.set_terminated(old, status="KILLED")
+        client.set_tag(old, "arpipe.replaced_by", new)
+        log.warning("MLflow: run %s of an interrupted %s cannot be continued (its resume state is gone or "
+                    "belongs to other params): closed as KILLED, run %s replaces it", old, self.run_name, new)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self._mlflow is None or self.run_id is None:
             return
         # End the run even when a logging failure turned logging off: a run left open stays
         # RUNNING in the UI and stays the active run of this process (the next run would nest in it).
+        # Ctrl-C ends it KILLED; the marker stays until the stage finishes, so a resume continues it.
+        status = "FINISHED" if et is None else "KILLED" if issubclass(et, KeyboardInterrupt) else "FAILED"
         try:
-            self._mlflow.end_run(status="FAILED" if et else "FINISHED")
+            self._mlflow.end_run(status=status)
         except Exception as exc:  # noqa: BLE001
             if self.enabled:
                 self._fail("end_run", exc)
+        if et is None and not self.nested:
+            self.marker.unlink(missing_ok=True)
+
+    def logged_steps(self, metric: str) -> set[int]:
+        """Steps at which this run already holds `metric` (a resumed run logs only the others)."""
+        if not self.enabled or self._mlflow is None or self.run_id is None:
+            return set()
+        try:
+            return {m.step for m in self._mlflow.MlflowClient().get_metric_history(self.run_id, metric)}
+        except Exception as exc:  # noqa: BLE001
+            self._fail("get_metric_history", exc)
+            return set()
 
     def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
         """A nested run under this one, to enter while this one is active (the UI groups children
@@ -112,7 +207,16 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        self._call("log_params", "log_params", flat)
+        if self.resumed and self.enabled and self._mlflow is not None:
+            # A continued run keeps the params it holds (MLflow refuses to change one, e.g. a runtime setting).
+            try:
+                held = self._mlflow.MlflowClient().get_run(self.run_id).data.params
+            except Exception as exc:  # noqa: BLE001
+                self._fail("get_run", exc)
+                return
+            flat = {k: v for k, v in flat.items() if k not in held}
+        if flat:
+            self._call("log_params", "log_params", flat)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         nums = {k.replace("@", "_"): float(v) for k, v in flatten(metrics).items()

@@ -6,7 +6,7 @@ import typer
 
 # Each stage module imports its share of the library inside its command, so a stage process
 # loads only what it runs (importing everything cost every stage ~5 s).
-from . import aggregate, corruption, evaluate, profile, train
+from . import aggregate, corruption, evaluate, profile, train, validate
 from .errors import DEBUG_ENV, DEBUG_KEY, OneLineErrors
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -28,6 +28,7 @@ app.command("corrupt")(corruption.corrupt)
 app.command("corruption")(corruption.corruption)
 app.command("aggregate")(aggregate.aggregate)
 app.command("gate")(aggregate.gate)
+app.command("validate")(validate.validate)
 
 if __name__ == "__main__":
     app()

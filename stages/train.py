@@ -7,7 +7,9 @@ processes it starts see torchrun's environment and train instead of relaunching.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import astuple
 from pathlib import Path
 
@@ -33,6 +35,25 @@ def relaunch_if_asked(p: Params, stage: str) -> None:
                                               rdzv_endpoint=rt.rdzv_endpoint, run_id=stage))
 
 
+@contextlib.contextmanager
+def interrupt_hint(stage: str, out: Path, state: Path, tracked: tuple[Path, ...]) -> Iterator[None]:
+    """On Ctrl-C, say in one line how to get the model back. `dvc repro` deletes a stage's outputs before
+    its command starts; the previous checkpoint stays in the DVC cache, recorded in dvc.lock, which a
+    failed stage does not update. (persist: true would keep the file but costs the stage DVC's run-cache.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        resume = f"; `dvc repro` resumes training from {state}" if state.exists() else ""
+        if out.exists():
+            console.print(f"{stage} interrupted: {out} is unchanged{resume}", soft_wrap=True)
+        else:   # metrics are git-tracked (cache: false): git has the previous ones
+            gone = " ".join(str(t) for t in tracked if not t.exists())
+            git = f" and `git checkout -- {gone}` its metrics" if gone else ""
+            console.print(f"{stage} interrupted: `dvc repro` removed the previous {out} before training; "
+                          f"`dvc checkout {stage}` restores it from the DVC cache{git}{resume}", soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
 def pretrain(
     out: Path = typer.Option(..., help="model checkpoint to write"),
     metrics: Path = typer.Option(..., help="final metrics JSON"),
@@ -46,7 +67,8 @@ def pretrain(
     outputs = TrainOutputs(out, metrics, history, STATE_DIR / "pretrain.pt")
     check_writable(*astuple(outputs))
     relaunch_if_asked(p, "pretrain")
-    result = run_training(p, pretrain_job(p), outputs)
+    with interrupt_hint("pretrain", out, outputs.state, (metrics, history)):
+        result = run_training(p, pretrain_job(p), outputs)
     if distributed.is_main_process():
         console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
 
@@ -72,6 +94,7 @@ def finetune(
     outputs = TrainOutputs(out, metrics, history, STATE_DIR / f"finetune-{method}.pt")
     check_writable(*astuple(outputs))
     relaunch_if_asked(p, f"finetune@{method}")
-    result = run_training(p, job, outputs, pretrained=pretrained)
+    with interrupt_hint(f"finetune@{method}", out, outputs.state, (metrics, history)):
+        result = run_training(p, job, outputs, pretrained=pretrained)
     if distributed.is_main_process():
         console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")

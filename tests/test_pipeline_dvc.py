@@ -175,9 +175,39 @@ def test_a_method_lr_change_reruns_only_that_method(repo: Repo, first_run: set[s
     assert finetune in changed and changed <= downstream
     ran = repo.repro()
     assert {finetune, f"evaluate@{METHOD}"} <= ran
-    assert ran <= downstream, "only the method and what follows it"
+    assert ran <= downstream | {"validate"}, "only the method and what follows it (after validating params)"
     others = {s for s in repo.stages() if s == "pretrain" or s.startswith(("finetune@", "evaluate@"))}
     assert ran & others == {finetune, f"evaluate@{METHOD}"}
+    assert repo.changed() == set()
+
+
+@pytest.mark.parametrize("edit", ["lerning_rate", "finetune.optim.lrr", "finetune.methods: []"])
+def test_a_bad_param_stops_repro_before_any_output_is_removed(repo: Repo, first_run: set[str], edit: str) -> None:
+    """`dvc repro` deletes a stage's outputs before its command runs: the validate stage, on which
+    every stage depends, fails first and every previous output stays in place."""
+    outputs = sorted(p for d in ("models", "metrics") for p in (repo.root / d).rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in outputs}
+    original = (repo.root / "params.yaml").read_text()
+    raw = repo.params()
+    if edit == "lerning_rate":
+        raw["lerning_rate"] = 0.1                       # an unknown top-level key no stage reads
+    elif edit == "finetune.optim.lrr":
+        raw["finetune"]["optim"]["lrr"] = 0.1
+    else:
+        raw["finetune"]["methods"] = []                 # DVC itself accepts the empty matrix
+    repo.write_params(raw)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo.root, env=repo.env,
+                              capture_output=True, text=True, check=False)
+    finally:
+        (repo.root / "params.yaml").write_text(original)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.findall(r"Running stage '([^']+)'", out) == ["validate"]
+    key = edit.split(":")[0].split(".")[-1] if edit != "finetune.methods: []" else "finetune.methods"
+    assert any("params" in line and key in line for line in out.splitlines()), out[-2000:]
+    assert {p: p.read_bytes() for p in outputs if p.exists()} == before, "an output was removed or changed"
+    repo.dvc("repro", "validate")   # the stamp back (same bytes): nothing downstream changes
     assert repo.changed() == set()
 
 

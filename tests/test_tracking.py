@@ -5,17 +5,22 @@ A fresh sqlite store takes seconds to migrate, so the tests share one store (one
 
 from __future__ import annotations
 
-import warnings
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from datafiles import tiny_params, write_fashion_mnist
+from datafiles import REPO, tiny_params, write_fashion_mnist
 from pipeline_lib import checkpoint
 from pipeline_lib.config import Params
 from pipeline_lib.io import read_json
-from pipeline_lib.tracking import Tracker, flatten
+from pipeline_lib.tracking import HTTP_DEFAULTS, RUNS_DIR, Tracker, flatten
 from pipeline_lib.training import TrainOutputs, pretrain_job, run_training
 
 
@@ -41,6 +46,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _mlflow_on(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
     monkeypatch.setenv("ARPIPE_MLFLOW", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for key in HTTP_DEFAULTS:   # the Tracker sets its defaults in os.environ: undo them after the test
+        monkeypatch.delenv(key, raising=False)
+
+
+def _mlflow_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "MLflow" in r.getMessage()]
 
 
 def _train(p: Params, d: Path) -> tuple[TrainOutputs, dict[str, Any]]:
@@ -56,15 +67,14 @@ def _assert_outputs(out: TrainOutputs, metrics: dict[str, Any]) -> None:
 
 
 def test_a_stage_logs_its_run_to_the_store(store_uri: str, data_root: Path, workdir: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 
     _mlflow_on(monkeypatch, store_uri)
     p = tiny_params(data_root, mlflow={"experiment": "logs-a-run"})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)     # no MLflow failure warning
-        out, metrics = _train(p, workdir)
+    out, metrics = _train(p, workdir)
     _assert_outputs(out, metrics)
+    assert _mlflow_warnings(caplog) == []
 
     client = MlflowClient(store_uri)
     experiment = client.get_experiment_by_name("logs-a-run")
@@ -80,24 +90,124 @@ def test_a_stage_logs_its_run_to_the_store(store_uri: str, data_root: Path, work
     assert run.data.params["data.dataset"] == p.data.dataset
     assert run.data.metrics["val_clean_acc"] == pytest.approx(metrics["val_clean_acc"])
     per_epoch = client.get_metric_history(run.info.run_id, "train_loss")
-    assert {m.step for m in per_epoch} == set(range(1, job.optim.epochs + 1))   # one point per epoch
+    assert sorted(m.step for m in per_epoch) == list(range(1, job.optim.epochs + 1))   # one point per epoch
+    assert not (workdir / RUNS_DIR / "pretrain.json").exists()   # finished: no run left to continue
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {out.metrics.name, out.history.name} <= artifacts
 
 
 def test_unusable_store_warns_and_outputs_are_still_written(data_root: Path, workdir: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     blocker = workdir / "not-a-dir"
     blocker.write_text("a file where the store's folder should be")
     _mlflow_on(monkeypatch, f"sqlite:///{blocker / 'mlflow.db'}")
     p = tiny_params(data_root)
-    with pytest.warns(RuntimeWarning, match="MLflow start failed.*outputs are still written"):
-        out, metrics = _train(p, workdir)
+    out, metrics = _train(p, workdir)
     _assert_outputs(out, metrics)
+    [warning] = _mlflow_warnings(caplog)
+    assert "MLflow start failed" in warning and "outputs are still written" in warning and "\n" not in warning
+
+
+def test_read_only_store_gives_one_line_not_a_traceback(store_uri: str, workdir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """A store that cannot be written (sqlite's read-only mode: root ignores file permissions) made
+    MLflow log SQLAlchemy's whole traceback (~90 lines) before the Tracker's warning."""
+    with Tracker("read-only", "stage", root=workdir):   # the experiment exists: the failure is the run insert
+        pass
+    _mlflow_on(monkeypatch, f"sqlite:///file:{store_uri.removeprefix('sqlite:///')}?mode=ro&uri=true")
+    capfd.readouterr()
+    with Tracker("read-only", "stage", root=workdir) as tracker:
+        tracker.log_metrics({"acc": 1.0})
+    assert not tracker.enabled
+    printed = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(printed) == 1 and "readonly database" in printed[0] and "\n" not in printed[0], printed
+    assert "Traceback" not in capfd.readouterr().err   # MLflow's own stderr handler stayed quiet
+
+
+def test_dead_tracking_server_is_given_up_in_seconds(data_root: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing listens on port 9 (discard): MLflow's default retries took 281 s before the stage went on."""
+    _mlflow_on(monkeypatch, "http://127.0.0.1:9")
+    t0 = time.perf_counter()
+    with Tracker("dead", "stage", root=workdir) as tracker:
+        tracker.log_metrics({"acc": 1.0})
+    assert time.perf_counter() - t0 < 30 and not tracker.enabled
+    out, metrics = _train(tiny_params(data_root), workdir)
+    _assert_outputs(out, metrics)
+    assert len(_mlflow_warnings(caplog)) == 2   # one line per stage (the Tracker above, then the training)
+
+
+KILL_AFTER_FIRST_EPOCH = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from datafiles import tiny_params
+from pipeline_lib.training import TrainOutputs, loop, pretrain_job, run_training
+saves = []
+real_save = loop.checkpoint.save
+def save_then_die(path, state):   # epoch 1's state is written and logged; SIGKILL while saving epoch 2's
+    if saves:
+        os.kill(os.getpid(), signal.SIGKILL)
+    saves.append(path)
+    real_save(path, state)
+loop.checkpoint.save = save_then_die
+p = tiny_params({root!r}, pretrain={{"optim": {{"epochs": 3, "milestones": [1]}}}}, mlflow={{"experiment": "killed"}})
+run_training(p, pretrain_job(p), TrainOutputs(*[__import__("pathlib").Path(x) for x in {outs!r}]))
+"""
+
+
+def test_killed_then_resumed_training_logs_each_epoch_once_in_one_run(store_uri: str, data_root: Path,
+                                                                      workdir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_on(monkeypatch, store_uri)
+    outs = [workdir / "models" / "standard.pt", workdir / "metrics" / "standard.json",
+            workdir / "metrics" / "history.csv", workdir / "cache" / "state.pt"]
+    script = KILL_AFTER_FIRST_EPOCH.format(tests=str(REPO / "tests"), root=str(data_root), outs=[str(o) for o in outs])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=workdir, env=env, check=False,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]   # SIGKILL: no handler ran
+    client = MlflowClient(store_uri)
+    experiment = client.get_experiment_by_name("killed").experiment_id
+    [killed] = client.search_runs([experiment])
+    assert killed.info.status == "RUNNING" and outs[3].exists() and not outs[0].exists()
+
+    p = tiny_params(data_root, pretrain={"optim": {"epochs": 3, "milestones": [1]}}, mlflow={"experiment": "killed"})
+    out = TrainOutputs(*outs)
+    metrics = run_training(p, pretrain_job(p), out)
+    _assert_outputs(out, metrics)
+    [run] = client.search_runs([experiment])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    for key in ("train_loss", "val_clean_acc"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
+
+
+def test_a_run_that_cannot_be_resumed_is_closed_as_killed(store_uri: str, workdir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The stage was killed, then re-run with other params (its resume state no longer applies)."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_on(monkeypatch, store_uri)
+    first = Tracker("replaced", "finetune@x", root=workdir, resume_key="params-1").__enter__()
+    import mlflow
+
+    mlflow.end_run()   # what a SIGKILL leaves: the run RUNNING in the store, the marker on disk
+    MlflowClient(store_uri).update_run(first.run_id, status="RUNNING")
+    with Tracker("replaced", "finetune@x", root=workdir, resume_key="params-2") as second:
+        pass
+    old = MlflowClient(store_uri).get_run(first.run_id)
+    assert not second.resumed and second.run_id != first.run_id
+    assert old.info.status == "KILLED" and old.data.tags["arpipe.replaced_by"] == second.run_id
+    assert any(first.run_id in m and second.run_id in m for m in _mlflow_warnings(caplog))
 
 
 def test_failure_mid_run_warns_once_and_ends_the_run(store_uri: str, data_root: Path, workdir: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -108,11 +218,9 @@ def test_failure_mid_run_warns_once_and_ends_the_run(store_uri: str, data_root: 
 
     monkeypatch.setattr(mlflow, "log_metrics", broken)
     p = tiny_params(data_root, mlflow={"experiment": "fails-mid-run"})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out, metrics = _train(p, workdir)
-    failures = [w for w in caught if "MLflow" in str(w.message)]
-    assert len(failures) == 1 and "log_metrics failed" in str(failures[0].message)
+    out, metrics = _train(p, workdir)
+    failures = _mlflow_warnings(caplog)
+    assert len(failures) == 1 and "log_metrics failed" in failures[0]
     _assert_outputs(out, metrics)
     # The run was still closed: not left RUNNING, and no longer the process's active run.
     assert mlflow.active_run() is None

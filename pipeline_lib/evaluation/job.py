@@ -93,7 +93,9 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
     out.state_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out.state_dir / "state.pt", out.state_dir / "eval.log"
     stage = f"evaluate@{name}"
-    with Tracker(p.mlflow.experiment, stage, tags={"stage": "evaluate", "method": name, "dvc_stage": stage}) as tr:
+    fp = eval_fingerprint(p, sha, device, steps)
+    with Tracker(p.mlflow.experiment, stage, tags={"stage": "evaluate", "method": name, "dvc_stage": stage},
+                 resume_key=fp) as tr:   # a resumed evaluation continues its interrupted run
         tr.log_params({"evaluate": e.model_dump(exclude={"models"}), "eps": eps, "checkpoint": str(model_path),
                        "checkpoint_sha256": sha, "steps": [st.name for st in steps]})
         with capture_logs(log_path):
@@ -101,7 +103,7 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
                      meta["arch"], len(y), p.data.dataset, eps, ", ".join(st.name for st in steps))
             record = run_cascade(model, x, y, steps, batch_size=e.batch_size, seed=e.seed, cascade=e.cascade,
                                  num_classes=spec.num_classes, state_path=state_path,
-                                 fingerprint=eval_fingerprint(p, sha, device, steps),
+                                 fingerprint=fp,
                                  progress=p.runtime.progress, desc=stage)
             acc = accuracies(record, steps, e.cascade)
             curve = eps_curve(acc, e, eps)

@@ -175,15 +175,21 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
     model = prepare_for_training(model, objective, device, sync_bn=info.enabled and rt.sync_bn, fmt=fmt)
 
     config = job_config(p, job)
+    fp = fingerprint(config, init_path)
     stage = stage or ("pretrain" if job.name == "standard" else f"finetune@{job.name}")
     with Tracker(p.mlflow.experiment, stage, tags={"stage": stage.split("@")[0], "method": job.name,
-                                                   "dvc_stage": stage}, enabled=info.is_main) as tracker:
+                                                   "dvc_stage": stage}, enabled=info.is_main, resume_key=fp) as tracker:
         tracker.log_params(config)
         tracker.log_params({"runtime": {**rt.model_dump(), "world_size": info.world_size}})
+        logged = tracker.logged_steps("val_clean_acc") if tracker.resumed else set()   # epochs the run holds
+
+        def log_epoch(rec: dict[str, float]) -> None:   # resumed: fit replays finished epochs, log each once
+            if int(rec["epoch"]) not in logged:
+                tracker.log_metrics(rec, step=int(rec["epoch"]))
+
         t0 = time.perf_counter()
         result = fit(model, objective, loader, val, job.optim, seed=p.seed, state_path=out.state,
-                     fingerprint=fingerprint(config, init_path), progress=rt.progress, desc=stage,
-                     on_epoch=lambda rec: tracker.log_metrics(rec, step=int(rec["epoch"])), amp=rt.amp)
+                     fingerprint=fp, progress=rt.progress, desc=stage, on_epoch=log_epoch, amp=rt.amp)
         seconds = time.perf_counter() - t0
         final = result.history[-1]
         exported = objective.export_model(result.model)   # every rank: an export may run synchronised BN
@@ -207,7 +213,8 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
         write_json(out.metrics, metrics)
         write_history_csv(out.history, result.history)
         out.state.unlink(missing_ok=True)  # finished: the checkpoint supersedes the resume state
-        tracker.log_metrics(metrics, step=job.optim.epochs)  # at the last epoch, not as a stray step 0
+        # The stage's own totals at the last epoch (not a stray step 0); the last epoch's record is logged already.
+        tracker.log_metrics({k: v for k, v in metrics.items() if k not in final}, step=job.optim.epochs)
         tracker.set_tags({"checkpoint_path": str(out.checkpoint),
                           "checkpoint_sha256": checkpoint.file_sha256(out.checkpoint)})
         tracker.log_artifact(out.metrics)
