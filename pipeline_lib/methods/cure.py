@@ -43,12 +43,13 @@ from .rgp import RGPLayers, RGPVariant, mask_gradients, prominence, select_weigh
 # The tensors each RGP variant masks when `rgp_layers` is null: the paper's every conv and linear
 # weight, the official code's `'conv1' in name` (stem excluded).
 VARIANT_LAYERS: dict[str, RGPLayers] = {"paper": "conv_linear", "official": "conv1"}
-from .trades import Trades, TradesParams
+from .trades import Trades, TradesStartParams
 
 
-class CureParams(TradesParams):
+class CureParams(TradesStartParams):
     """CURE's params. Paper notation: beta, p, alpha, gamma, r, d. Inherits TRADES' `init_std`
-    (the attack starts at x + init_std * N(0, 1), 0.001 in TRADES and CURE)."""
+    (the attack starts at x + init_std * N(0, 1), 0.001 in TRADES and CURE) and `clamp_start`
+    (false = official: the start enters the first attack forward unprojected)."""
 
     # L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)). The paper states beta = 1; the official
     # code's default is trades_beta = 5.
