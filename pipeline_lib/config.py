@@ -153,6 +153,8 @@ class OptimParams(StrictModel):
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=list)
     lr_gamma: float = Field(default=0.1, gt=0, le=1)
+    # lr of the first epoch only, the schedule from the second on (AR-AT's official CustomLR: 0.02)
+    first_epoch_lr: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _milestones(self) -> OptimParams:
@@ -174,6 +176,7 @@ class OptimOverride(StrictModel):
     schedule: Literal["multistep", "cosine", "constant"] | None = None
     milestones: list[int] | None = None
     lr_gamma: float | None = Field(default=None, gt=0, le=1)
+    first_epoch_lr: float | None = Field(default=None, gt=0)
 
 
 class ThreatParams(StrictModel):

@@ -280,6 +280,77 @@ def test_swa_export_is_the_parameter_average_with_recomputed_adv_bn(tiny_model, 
     assert int(obj2._swa.n_averaged) == 3
 
 
+def official_moving_average(net_swa: nn.Module, net: nn.Module, alpha: float) -> None:
+    """Copy of the official SWA update (utils/swa.py `moving_average`), written here."""
+    for p1, p2 in zip(net_swa.parameters(), net.parameters(), strict=True):
+        p1.data *= 1.0 - alpha
+        p1.data += p2.data * alpha
+
+
+@pytest.mark.parametrize(("swa_every", "swa_start"), [(3, 2), (5, 1)])
+def test_swa_follows_the_official_schedule(swa_every: int, swa_start: int, tiny_model, make_ctx, tiny_batch):
+    """Averaged steps and average equal the official loop's: step = epoch * len(loader) + batch
+    (epoch 1-based), averaged when epoch >= swa_start and step % swa_freq == 0, equal weights."""
+    loader = loader_of(tiny_batch)                    # 32 images / 8 = 4 batches per epoch
+    obj, model = prepared(tiny_model, make_ctx, swa_start=swa_start, swa_every=swa_every)
+    net_swa, swa_n = copy.deepcopy(model), 0
+    g = torch.Generator().manual_seed(0)
+    step = 0
+    for epoch in range(1, 4):
+        obj.on_epoch_start(model, epoch - 1, loader)
+        for batch_idx in range(len(loader)):
+            with torch.no_grad():                     # an "optimizer step": any parameter change will do
+                for prm in model.parameters():
+                    prm.add_(torch.randn(prm.shape, generator=g))
+            step += 1
+            obj.after_optimizer_step(model, step)
+            official_step = epoch * len(loader) + batch_idx
+            if swa_start <= epoch and official_step % swa_every == 0:
+                official_moving_average(net_swa, model, 1.0 / (swa_n + 1))
+                swa_n += 1
+    assert swa_n > 1 and int(obj._swa.n_averaged) == swa_n
+    for (name, a), b in zip(obj._swa.module.named_parameters(), net_swa.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_swa_bn_recompute_covers_the_whole_train_set_by_default(tiny_model, make_ctx, tiny_batch):
+    loader = loader_of(tiny_batch)
+    obj, model = prepared(tiny_model, make_ctx, swa_start=1)
+    assert obj.params.swa_bn_batches is None
+    obj.on_epoch_start(model, 0, loader)
+    sgd_steps(obj, model, *tiny_batch, n=1)
+    exported = obj.export_model(model)
+    bns = [m for m in exported.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(int(m.num_batches_tracked) == len(loader) == 4 for m in bns)
+
+
+def official_custom_lr(epochs: int, init_lr: float) -> list[float]:
+    """lr of each epoch (1-based) under the official CustomLR: 0.02 at construction, then after
+    epoch e `scheduler.step(e)` sets get_lr(e) (x0.1 from 76, x0.01 from 91, x0.001 from 101)."""
+    def get_lr(e: int) -> float:
+        return init_lr * (1.0 if e <= 75 else 0.1 if e <= 90 else 0.01 if e <= 100 else 0.001)
+    return [0.02] + [get_lr(e) for e in range(1, epochs)]
+
+
+def test_first_epoch_lr_reproduces_the_official_custom_lr():
+    from pipeline_lib.training.loop import make_scheduler
+
+    # The paper's "decay at 75 and 90" is, in the official loop, a decay after epochs 76 and 91.
+    o = OptimParams(epochs=100, batch_size=128, lr=0.1, milestones=[76, 91], first_epoch_lr=0.02)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=o.lr)
+    sched = make_scheduler(opt, o)
+    lrs = []
+    for _ in range(o.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(official_custom_lr(100, 0.1), rel=1e-12)
+    plain = OptimParams(epochs=100, batch_size=128, lr=0.1, milestones=[76, 91])
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=o.lr)
+    make_scheduler(opt2, plain)
+    assert opt2.param_groups[0]["lr"] == 0.1     # without it, the first epoch runs at lr
+
+
 def test_swa_never_reached_exports_last_weights_with_a_warning(tiny_model, make_ctx, tiny_batch):
     obj, model = prepared(tiny_model, make_ctx, swa_start=5)
     obj.on_epoch_start(model, 0, loader_of(tiny_batch))

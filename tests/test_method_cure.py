@@ -255,7 +255,8 @@ def test_exported_model_is_theta_not_the_revision(tiny_model, tiny_batch, make_c
 # -- params and resume -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("key", "value"), [("p", 100), ("alpha", 1.5), ("r", -0.1), ("d", 1.2), ("beta", -1),
-                                            ("gamma", -1), ("rgp_layers", "bn"), ("rgp_adv_loss", "mse")])
+                                            ("gamma", -1), ("rgp_layers", "bn"), ("rgp_adv_loss", "mse"),
+                                            ("rgp_variant", "soft")])
 def test_bad_params_are_rejected_naming_the_key(key: str, value: Any) -> None:
     with pytest.raises(ValidationError, match=rf"(?m)^{key}$"):  # pydantic puts the key on its own line
         CURE.Params.model_validate({key: value})
@@ -294,3 +295,95 @@ def test_killed_and_resumed_run_ends_identical(tiny_batch, fmnist_spec, make_ctx
     rev_a, rev_b = obj_a.revision.state_dict(), obj_b.revision.state_dict()
     assert all(torch.equal(v, rev_b["module"][k]) for k, v in rev_a["module"].items())
     assert torch.equal(rev_a["rng"], rev_b["rng"])
+
+
+# -- RGP, official variant (rgp_soft) ---------------------------------------------------------------
+
+class ConvOneNet(nn.Module):
+    """A tiny residual-style net with the official code's parameter names: a stem `conv1`, one block
+    with `conv1` / `conv2`, a linear head. Only `layer1.0.conv1.weight` is masked by the official rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(nn.Module())
+        self.layer1[0].conv1 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.layer1[0].bn1 = nn.BatchNorm2d(6)
+        self.layer1[0].conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.layer1[0]
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = b.conv2(F.relu(b.bn1(b.conv1(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+def official_rgp_soft(model: nn.Module, loss_nat: Tensor, loss_rob: Tensor, loss: Tensor, w_nat: float,
+                      w_rob: float, percentile: float) -> dict[str, Tensor]:
+    """Copy of the official formula (NeurAI-Lab/CURE, RGP.acc_grads + RGP.fuse_grads), written here:
+    per parameter in order, grad_rgp = w_nat * g_nat + w_rob * g_rob (signed); for index l > 0 whose
+    name contains 'conv1', the total-loss gradient is zeroed where grad_rgp < np.percentile(grad_rgp, p)."""
+    import numpy as np
+
+    names, params = zip(*model.named_parameters(), strict=True)
+
+    def grads(of: Tensor) -> list[Tensor]:
+        gs = torch.autograd.grad(of, params, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.clone() for p, g in zip(params, gs, strict=True)]
+
+    g_nat, g_rob, g_loss = grads(loss_nat), grads(loss_rob), grads(loss)
+    out = {}
+    for layer, name in enumerate(names):
+        rgp = g_nat[layer] * w_nat + g_rob[layer] * w_rob
+        g = g_loss[layer]
+        if layer > 0 and "conv1" in name:
+            g[rgp < float(np.percentile(rgp.numpy(), percentile))] = 0.0
+        out[name] = g
+    return out
+
+
+def test_official_rgp_selects_the_block_conv1_weights_not_the_stem(fmnist_spec) -> None:
+    from pipeline_lib.data import get_spec
+    from pipeline_lib.models import build_model
+
+    assert select_weights(ConvOneNet(), "conv1") == ["layer1.0.conv1.weight"]
+    names = select_weights(build_model("resnet18", get_spec("cifar10")), "conv1")
+    assert names == [f"layer{s}.{b}.conv1.weight" for s in range(1, 5) for b in range(2)]
+    with pytest.raises(ValueError, match="selects no weights"):
+        select_weights(build_model("small_cnn", fmnist_spec), "conv1")   # no 'conv1' names at all
+
+
+@pytest.mark.parametrize(("p", "alpha", "revision"), [(30.0, 0.1, False), (50.0, 0.3, True)])
+def test_official_rgp_matches_the_official_formula_on_a_fixed_batch(p: float, alpha: float, revision: bool,
+                                                                     tiny_batch, make_ctx) -> None:
+    x, y = (t[:16] for t in tiny_batch)
+    x = x.double()
+    torch.manual_seed(0)
+    model = ConvOneNet().double().train()
+    reference = copy.deepcopy(model)
+    obj, model = make_cure(model, make_ctx, rgp_variant="official", p=p, alpha=alpha, beta=5.0, revision=revision)
+    assert obj.rgp_names == ["layer1.0.conv1.weight"]
+    obj.loss(model, x, y).loss.backward()
+    obj.before_optimizer_step(model)
+
+    # the same step recomputed by the official formula on a copy taken before it (same attack noise)
+    fresh, _ = make_cure(copy.deepcopy(reference), make_ctx, rgp=False, revision=False)
+    x_adv = fresh.trades_adversarial(reference, x, y)
+    logits_nat, logits_adv = reference(x), reference(x_adv)
+    loss_nat = F.cross_entropy(logits_nat, y)
+    loss_rob = kl_batchmean(logits_nat, logits_adv)
+    loss = loss_nat + 5.0 * loss_rob              # theta_rev == theta at step 0, so L_CR's gradient is 0
+    want = official_rgp_soft(reference, loss_nat, loss_rob, loss, alpha, 1 - alpha, p)
+    for name, prm in model.named_parameters():
+        torch.testing.assert_close(prm.grad, want[name], rtol=1e-9, atol=1e-12, msg=name)
+    masked = model.layer1[0].conv1.weight.grad
+    zeroed = int((masked == 0).sum())
+    assert 0 < zeroed <= round(p / 100 * masked.numel())   # strictly below the percentile
+    # and it is a different mask from the paper variant's on the same step
+    paper, pmodel = make_cure(copy.deepcopy(reference), make_ctx, p=p, alpha=alpha, beta=5.0, revision=False,
+                              rgp_layers="conv1")
+    paper.loss(pmodel, x, y).loss.backward()
+    paper.before_optimizer_step(pmodel)
+    assert not torch.equal(pmodel.layer1[0].conv1.weight.grad == 0, masked == 0)

@@ -145,7 +145,97 @@ def test_mart_loss_is_applied_to_the_ce_attack(tiny_model, tiny_batch) -> None:
 
 
 @pytest.mark.parametrize("cls", [TradesParams, MartParams])
-@pytest.mark.parametrize("bad", [{"beta": -1.0}, {"init_std": -0.1}, {"lambda": 1.0}])
+@pytest.mark.parametrize("bad", [{"beta": -1.0}, {"init_std": -0.1}, {"lambda": 1.0}, {"clamp_start": "maybe"}])
 def test_bad_params_are_rejected(cls, bad: dict) -> None:
     with pytest.raises(ValidationError):
         cls.model_validate(bad)
+
+
+# -- official details: unprojected start, TRADES' three forwards ----------------------------------
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps a copy of every input it is called with."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.inputs = inner, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.inner(x)
+
+
+def edge_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The tiny batch with black and white pixels, where x + 0.001 N(0, 1) leaves [0, 1]."""
+    x, y = batch
+    x = x.clone()
+    x[:, :, :4] = 0.0
+    x[:, :, -4:] = 1.0
+    return x, y
+
+
+@pytest.mark.parametrize(("name", "first_attack_forward"), [("trades", 1), ("mart", 0), ("cure", 1)])
+@pytest.mark.parametrize("clamp_start", [True, False])
+def test_the_attack_start_is_unprojected_only_with_clamp_start_false(name: str, first_attack_forward: int,
+                                                                      clamp_start: bool, tiny_model,
+                                                                      tiny_batch) -> None:
+    x, y = edge_batch(tiny_batch)
+    model = Recorder(tiny_model).train()
+    obj = objective(name, clamp_start=clamp_start, **({"revision": False, "rgp": False} if name == "cure" else {}))
+    if name == "cure":
+        obj.prepare_model(model)
+    obj.loss(model, x, y)
+    start = official_start(x)
+    assert start.min() < 0 and start.max() > 1          # the planted failure: the start leaves [0, 1]
+    seen = model.inputs[first_attack_forward]
+    want = start.clamp(0, 1) if clamp_start else start   # (within the ball anyway: 0.001 << eps)
+    assert torch.equal(seen, want)
+    assert all(t.min() >= 0 and t.max() <= 1 for t in model.inputs[first_attack_forward + 1:])
+
+
+def official_trades_loss(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, beta: float) -> Tensor:
+    """Copy of the official formula (yaodongyu/TRADES `trades_loss`, l_inf), written here: eval-mode KL
+    attack from the unclamped x + 0.001 N(0, 1), then three train-mode forwards (clean, adv, clean)."""
+    model.eval()
+    x_adv = x.detach() + 0.001 * noise
+    for _ in range(STEPS):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="sum")
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + STEP * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0.0, 1.0)
+    model.train()
+    x_adv = x_adv.clamp(0.0, 1.0)
+    logits = model(x)
+    loss_natural = F.cross_entropy(logits, y)
+    loss_robust = (1.0 / len(x)) * F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1),
+                                            reduction="sum")
+    return loss_natural + beta * loss_robust
+
+
+def bn_buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {n: b for n, b in model.named_buffers() if "running" in n}
+
+
+def test_trades_official_options_match_the_official_loss_and_bn_statistics(tiny_model, tiny_batch) -> None:
+    x, y = edge_batch(tiny_batch)
+    x, model = x.double(), tiny_model.double().train()
+    official = copy.deepcopy(model)
+    two = copy.deepcopy(model)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
+    want = official_trades_loss(official, x, y, noise, beta=6.0)
+    got = objective("trades", beta=6.0, clamp_start=False, three_forwards=True).loss(model, x, y).loss
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got.backward()
+    want.backward()
+    for (n, a), b in zip(model.named_parameters(), official.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12, msg=n)
+    ref = bn_buffers(official)
+    for n, b in bn_buffers(model).items():
+        torch.testing.assert_close(b, ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    # two forwards (the project default) move the running statistics differently: same loss value
+    got_two = objective("trades", beta=6.0, clamp_start=False).loss(two, x, y).loss
+    torch.testing.assert_close(got_two, want, rtol=1e-10, atol=1e-12)
+    gap = max(float((b - ref[n]).abs().max()) for n, b in bn_buffers(two).items())
+    assert gap > 1e-3

@@ -151,6 +151,34 @@ def test_sweep_profiles_add_points_the_aggregate_groups(sweep: str, objective: s
     assert all(d == dumps[0] for d in dumps)
 
 
+@pytest.mark.parametrize("profile", PAPER)
+def test_paper_profiles_follow_the_official_code_where_the_paper_is_silent(profile: str) -> None:
+    p = _composed(profile)
+    trades, mart, cure = (p.resolve(n).params for n in ("trades", "mart", "cure"))
+    assert (trades.clamp_start, trades.three_forwards, mart.clamp_start, cure.clamp_start) == (False, True, False, False)
+    assert cure.rgp_variant == "paper"                 # the paper defines RGP: not silent
+    arat = p.resolve("arat")
+    assert arat.optim.first_epoch_lr == 0.02 and (arat.params.swa_every, arat.params.swa_bn_batches) == (500, None)
+    assert all(p.resolve(n).optim.first_epoch_lr is None for n in p.finetune.methods if n != "arat")
+    # the default profile keeps the project behaviour (params.yaml says why)
+    d = parse_params(_params_yaml(), "params.yaml")
+    assert d.resolve("trades").params.clamp_start and not d.resolve("trades").params.three_forwards
+
+
+def test_arrest_ablation_crosses_lambda_and_distance_and_nothing_else() -> None:
+    p = _composed("cifar10_resnet18", "sweep_arrest_ablation")
+    points = [name for name, obj in objectives(p).items() if obj == "arrest"]
+    grid = {(p.resolve(n).params.lam, p.resolve(n).params.distance) for n in points}
+    assert grid == {(lam, d) for lam in (2.0, 5.0, 20.0) for d in ("cosine", "angle", "l2")} and len(points) == 9
+    assert set(points) <= set(p.finetune.methods) and set(points) <= set(p.evaluate.models)
+    assert p.resolve("arrest").params.lam == _composed("cifar10_resnet18").resolve("arrest").params.lam
+    dumps = [p.resolve(n).model_dump(exclude={"name"}) for n in points]
+    for d in dumps:
+        d["params"].pop("lam")
+        d["params"].pop("distance")
+    assert all(d == dumps[0] for d in dumps)
+
+
 def test_composition_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="unknown profile 'cifar10_resnet50'.*cifar10_resnet18"):
         compose_hydra(["cifar10_resnet50"], conf_dir=CONF)

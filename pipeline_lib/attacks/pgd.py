@@ -40,12 +40,15 @@ def uniform_start(x: Tensor, eps: float, generator: torch.Generator | None) -> T
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,
              random_start: bool = True, loss_fn: LossFn = ce_loss, restarts: int = 1,
-             generator: torch.Generator | None = None, x_init: Tensor | None = None) -> Tensor:
+             generator: torch.Generator | None = None, x_init: Tensor | None = None,
+             project_init: bool = True) -> Tensor:
     """Return x_adv with ||x_adv - x||_inf <= eps and x_adv in [0, 1].
 
     With restarts > 1 each example keeps the first restart that fools the model
     (else the last), as in Madry et al.'s evaluation. `x_init` replaces the
-    random start (e.g. TRADES' x + 0.001 N(0, 1)); it is projected onto the ball first.
+    random start (e.g. TRADES' x + 0.001 N(0, 1)); it is projected onto the ball and [0, 1]
+    first unless `project_init` is false (the official TRADES / MART / CURE attacks: the first
+    forward sees the raw start, every later iterate is projected)
     x: (B, C, H, W) in [0, 1]; y: (B,) int64.
     """
     if eps < 0 or step_size <= 0 or steps < 0 or restarts < 1:
@@ -55,7 +58,9 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: f
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         if x_init is not None:
-            x_adv = torch.min(torch.max(x_init.detach(), x - eps), x + eps).clamp(0, 1)
+            x_adv = x_init.detach().clone()
+            if project_init:
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
         else:
             x_adv = uniform_start(x, eps, generator) if random_start else x.clone()
         for _ in range(steps):
@@ -66,6 +71,8 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: f
             with torch.no_grad():
                 x_adv = x_adv + step_size * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+        if steps == 0 and not project_init:   # no iterate was projected: the result still must be
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
         x_adv = x_adv.detach()
         if restarts == 1:
             return x_adv

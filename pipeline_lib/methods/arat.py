@@ -22,9 +22,15 @@ official code): the objective enforces this, whatever `attack.bn_mode` says.
 
 Ablations are params: `stop_gradient: false` (symmetric, gradient also into the
 clean branch), `predictor: false` (identity), `split_bn: false` (one shared BN).
-Optional SWA (`swa_start`): parameters are averaged every `swa_every` steps from
-epoch `swa_start` on, and at export the BN statistics are recomputed on
-`swa_bn_batches` training batches of PGD examples through the adversarial BN.
+Optional SWA (`swa_start`), on the official code's schedule: the parameters are averaged
+(equal weights) at every step whose official index `epoch * len(loader) + batch`
+(epoch 1-based, batch 0-based) is a multiple of `swa_every` (official 500), from epoch
+`swa_start` on (official 76); at export the BN statistics are recomputed through the
+adversarial BN on PGD examples of the whole training set (official; `swa_bn_batches`
+caps the number of batches). One official quirk is not reproduced: its recompute
+runs the attack in train mode *after* resetting the statistics, so the attack's own
+forwards leak into them; here the recompute is a clean cumulative average over the
+final forwards only (torch's update_bn).
 
 The evaluated model (`export_model`) is the original architecture with the
 adversarial BN, used for clean and robust accuracy alike.
@@ -37,7 +43,7 @@ import dataclasses
 import difflib
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,8 +79,8 @@ class ARATParams(StrictModel):
     adv_weight: float | None = Field(default=None, ge=0)    # fixed w_a (only with auto_balance: false; default 1)
     clean_weight: float | None = Field(default=None, ge=0)  # fixed w_c (only with auto_balance: false; default 1)
     swa_start: int | None = Field(default=None, ge=1)    # 1-based epoch SWA averaging starts at; None = no SWA
-    swa_every: int = Field(default=1, ge=1)              # optimizer steps between SWA updates
-    swa_bn_batches: int = Field(default=50, ge=1)        # training batches (as PGD examples) for the BN recompute
+    swa_every: int = Field(default=1, ge=1)              # steps between SWA updates (official 500), see docstring
+    swa_bn_batches: int | None = Field(default=None, ge=1)  # batches for the BN recompute; None = all (official)
 
     @model_validator(mode="after")
     def _consistent(self) -> ARATParams:
@@ -177,6 +183,7 @@ class ARAT(Objective):
         self.balance_acc: float | None = None    # clean-BN training accuracy of this epoch
         self._loader: Iterable[tuple[Tensor, Tensor]] | None = None  # for SWA's BN recompute
         self._epoch = 0
+        self._batch = 0                          # optimizer steps taken in the current epoch
         self._swa: AveragedModel | None = None
 
     # -- setup ---------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ class ARAT(Objective):
 
     # -- per epoch -----------------------------------------------------------------------------
     def on_epoch_start(self, model: nn.Module, epoch: int, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-        self._epoch, self._loader = epoch, loader
+        self._epoch, self._loader, self._batch = epoch, loader, 0
         if not self.params.auto_balance:
             return {}
         self.balance_acc = self.clean_accuracy(model, loader)
@@ -278,7 +285,12 @@ class ARAT(Objective):
     # -- SWA -----------------------------------------------------------------------------------
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         p = self.params
-        if self._swa is not None and self._epoch + 1 >= p.swa_start and step % p.swa_every == 0:  # type: ignore[operator]
+        batch, self._batch = self._batch, self._batch + 1
+        if self._swa is None or self._epoch + 1 < p.swa_start:  # type: ignore[operator]
+            return
+        # The official step index (train_ARAT.py): 1-based epoch * batches per epoch + 0-based batch.
+        per_epoch = len(self._loader) if isinstance(self._loader, Sized) else batch + 1
+        if ((self._epoch + 1) * per_epoch + batch) % p.swa_every == 0:
             self._swa.update_parameters(model)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
@@ -324,9 +336,10 @@ class ARAT(Objective):
             # Train mode: BN normalises with batch statistics, as in training's attack, so
             # the examples do not depend on the (about to be reset) running statistics.
             plain.train()
-            batches = itertools.islice(self._loader, self.params.swa_bn_batches)
-            for x, y in tqdm(batches, desc="arat swa bn", total=self.params.swa_bn_batches, leave=False,
-                             mininterval=1.0):
+            n_bn = self.params.swa_bn_batches
+            batches = self._loader if n_bn is None else itertools.islice(self._loader, n_bn)
+            total = n_bn if n_bn is not None or not isinstance(self._loader, Sized) else len(self._loader)
+            for x, y in tqdm(batches, desc="arat swa bn", total=total, leave=False, mininterval=1.0):
                 x_advs.append(pgd_linf(plain, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
                                        random_start=a.random_start, generator=gen))
             update_bn(x_advs, plain)  # resets the stats, then a cumulative average over the batches

@@ -99,14 +99,14 @@ class Objective(ABC):
 
     # -- shared helpers ------------------------------------------------------------------------
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = ce_loss,
-                    x_init: Tensor | None = None) -> Tensor:
+                    x_init: Tensor | None = None, project_init: bool = True) -> Tensor:
         """PGD on `model` with the training attack settings, in the mode `attack.bn_mode` asks for."""
         a = self.ctx.attack
         with preserve_mode(model):
             model.train(a.bn_mode == "train")
             return pgd_linf(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
                             random_start=a.random_start, loss_fn=loss_fn, generator=self.ctx.generator,
-                            x_init=x_init)
+                            x_init=x_init, project_init=project_init)
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")

@@ -9,7 +9,9 @@ Starts from a naturally trained model (init: pretrained). One step, x: (B, C, H,
     loss   = L_adv + gamma * L_CR                                     (revision on)
 
   Conserve/Update (rgp.py): before the optimizer step, per conv/linear weight, the gradient of
-  the p% of weights with the lowest RGP = alpha |dCE(x)/dw| + (1 - alpha) |dL(x_adv)/dw| is zeroed.
+  the p% of weights with the lowest RGP = alpha |dCE(x)/dw| + (1 - alpha) |dL(x_adv)/dw| is zeroed
+  (`rgp_variant: paper`); `rgp_variant: official` is the official code's `rgp_soft`: signed sum,
+  entries below the p-th percentile zeroed, only the `conv1` weights of the residual blocks.
   Revise (revision.py): after the step, with probability r, theta_rev <- d theta_rev + (1 - d) theta.
 
 Modes. The attack runs in `attack.bn_mode` (eval: BN running statistics, as TRADES/CURE code);
@@ -36,22 +38,32 @@ from ..schema import StrictModel
 from .base import ObjectiveContext, StepOutput, register_objective
 from .losses import kl_per_example
 from .revision import RevisionModel
-from .rgp import RGPLayers, mask_gradients, prominence, select_weights
-from .trades import Trades, TradesParams
+from .rgp import RGPLayers, RGPVariant, mask_gradients, prominence, select_weights
+
+# The tensors each RGP variant masks when `rgp_layers` is null: the paper's every conv and linear
+# weight, the official code's `'conv1' in name` (stem excluded).
+VARIANT_LAYERS: dict[str, RGPLayers] = {"paper": "conv_linear", "official": "conv1"}
+from .trades import Trades, TradesStartParams
 
 
-class CureParams(TradesParams):
+class CureParams(TradesStartParams):
     """CURE's params. Paper notation: beta, p, alpha, gamma, r, d. Inherits TRADES' `init_std`
-    (the attack starts at x + init_std * N(0, 1), 0.001 in TRADES and CURE)."""
+    (the attack starts at x + init_std * N(0, 1), 0.001 in TRADES and CURE) and `clamp_start`
+    (false = official: the start enters the first attack forward unprojected)."""
 
     # L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)). The paper states beta = 1; the official
     # code's default is trades_beta = 5.
     beta: float = Field(default=1.0, ge=0)
     # -- Conserve / Update: RGP gradient mask (rgp.py) ---------------------------------------
     rgp: bool = True                               # false = ablation "RGP off": no gradient masked
+    # paper: alpha |g_nat| + (1 - alpha) |g_adv|, exactly the k lowest zeroed (rgp.py);
+    # official: rgp_soft, alpha g_nat + (1 - alpha) g_adv signed, below the p-th percentile zeroed
+    rgp_variant: RGPVariant = "paper"
     p: float = Field(default=30.0, ge=0, lt=100)   # % of each layer's weights whose gradient is zeroed
     alpha: float = Field(default=0.1, ge=0, le=1)  # RGP = alpha |dCE(x)/dw| + (1 - alpha) |dL(x_adv)/dw|
-    rgp_layers: RGPLayers = "conv_linear"          # masked tensors: weights of every conv and linear layer
+    # masked tensors: conv_linear (every conv and linear weight) | conv | conv1 (the official
+    # `'conv1' in name`, stem excluded); null = the variant's own (VARIANT_LAYERS)
+    rgp_layers: RGPLayers | None = None
     rgp_exclude: tuple[str, ...] = ()              # globs on parameter names to spare, e.g. ["head.*"]
     # L(x_adv) in RGP: 'kl' = the robust term KL(p(x) || p(x_adv)) of L_adv (official rgp_soft);
     # 'ce' = CE(f(x_adv), y) (official 'rgp' mode).
@@ -82,7 +94,8 @@ class CURE(Trades):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Resolve the RGP layers and snapshot theta as the initial revision model (no grad)."""
         pr = self.params
-        self.rgp_names = select_weights(model, pr.rgp_layers, pr.rgp_exclude) if pr.rgp else []
+        layers = pr.rgp_layers or VARIANT_LAYERS[pr.rgp_variant]
+        self.rgp_names = select_weights(model, layers, pr.rgp_exclude) if pr.rgp else []
         # Not in extra_modules(): the optimizer must never see theta_rev; it moves only by EMA.
         self.revision = RevisionModel(model, r=pr.r, d_max=pr.d, seed=self.ctx.seed) if pr.revision else None
         self._prepared = True
@@ -130,7 +143,7 @@ class CURE(Trades):
         self._pending = None
         if weights:
             loss_rgp_adv = loss_kl if pr.rgp_adv_loss == "kl" else F.cross_entropy(logits_adv, y)
-            scores = prominence(loss_nat, loss_rgp_adv, weights, pr.alpha)
+            scores = prominence(loss_nat, loss_rgp_adv, weights, pr.alpha, signed=pr.rgp_variant == "official")
             self._pending = dict(zip(self.rgp_names, scores, strict=True))
         return StepOutput(loss, logits_adv, stats)
 
@@ -142,7 +155,8 @@ class CURE(Trades):
             return
         if self._pending is None:
             raise RuntimeError("CURE: before_optimizer_step without a preceding loss() (no RGP for this step)")
-        zeroed, total = mask_gradients(dict(model.named_parameters()), self._pending, self.params.p)
+        zeroed, total = mask_gradients(dict(model.named_parameters()), self._pending, self.params.p,
+                                       self.params.rgp_variant)
         self._pending = None
         self._epoch_counts["zeroed"] += zeroed
         self._epoch_counts["masked_total"] += total

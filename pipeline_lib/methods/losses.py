@@ -83,8 +83,8 @@ def distance(name: DistanceName, a: Tensor, b: Tensor) -> Tensor:
 
 
 def gaussian_start(x: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
-    """x + std * N(0, 1), the start point of the TRADES and MART attacks (not clamped:
-    `pgd_linf` projects its `x_init` onto the eps-ball and [0, 1]). Noise is drawn on
+    """x + std * N(0, 1), the start point of the TRADES and MART attacks (not clamped here:
+    `pgd_linf` projects its `x_init` onto the eps-ball and [0, 1] unless `project_init` is false). Noise is drawn on
     the generator's device, so a CPU generator gives the same start on every device."""
     if std < 0:
         raise ValueError(f"gaussian_start: std must be >= 0, got {std}")

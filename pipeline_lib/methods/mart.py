@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..schema import StrictModel
 from .base import Objective, StepOutput, register_objective
 from .losses import gaussian_start, kl_per_example
+from .trades import TradesStartParams
 
 
-class MartParams(StrictModel):
+class MartParams(TradesStartParams):
+    """beta, and the attack start (init_std; clamp_start: false = official, unprojected start)."""
+
     beta: float = Field(default=6.0, ge=0)        # weight of the misclassification-aware KL term
-    init_std: float = Field(default=0.001, ge=0)  # attack start x + init_std * N(0, 1)
 
 
 def mart_loss_from_logits(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float
@@ -49,7 +50,7 @@ class Mart(Objective):
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         x_init = gaussian_start(x, self.params.init_std, self.ctx.generator)
-        x_adv = self.adversarial(model, x, y, x_init=x_init)  # CE attack
+        x_adv = self.adversarial(model, x, y, x_init=x_init, project_init=self.params.clamp_start)  # CE attack
         logits_nat = model(x)       # (B, K), loop's mode
         logits_adv = model(x_adv)   # (B, K)
         loss, bce, kl = mart_loss_from_logits(logits_nat, logits_adv, y, self.params.beta)

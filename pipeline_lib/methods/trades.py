@@ -8,6 +8,14 @@ As the official code (yaodongyu/TRADES, `trades_loss`):
   in the loop's (train) mode and separately (their own BatchNorm batch statistics), the
   gradient flowing through p(x) too. beta = 6 is the paper's CIFAR-10 setting.
 
+Two official details are params (TradesStartParams, TradesParams):
+* `clamp_start: false` (official): the start x + 0.001 N(0, 1) enters the first attack forward
+  unprojected (slightly outside [0, 1] at black or white pixels); true projects it first.
+* `three_forwards: true` (official): the loss makes three train-mode forwards, f(x) for the CE,
+  f(x_adv), then f(x) again for the KL's p(x). The third forward gives the same outputs and the
+  same gradient (batch statistics of the same batch) but moves the BN running statistics a third
+  time (clean, adv, clean), which changes the evaluated model; false makes two (clean, adv).
+
 The train accuracy the loop logs is measured on the adversarial logits (as for PGD-AT).
 """
 
@@ -24,22 +32,30 @@ from .base import Objective, StepOutput, register_objective
 from .losses import gaussian_start, kl_per_example
 
 
-class TradesParams(StrictModel):
-    beta: float = Field(default=6.0, ge=0)        # weight of the KL (robustness) term; 0 = clean CE only
+class TradesStartParams(StrictModel):
+    """The TRADES-style attack start, shared by TRADES, MART and CURE."""
+
     init_std: float = Field(default=0.001, ge=0)  # attack start x + init_std * N(0, 1)
+    clamp_start: bool = True    # project the start onto the ball and [0, 1]; false = official (unprojected)
+
+
+class TradesParams(TradesStartParams):
+    beta: float = Field(default=6.0, ge=0)        # weight of the KL (robustness) term; 0 = clean CE only
+    three_forwards: bool = False  # official: clean, adv, clean train-mode forwards (BN statistics move 3x)
 
 
 @register_objective("trades")
 class Trades(Objective):
     Params = TradesParams
-    params: TradesParams
+    params: TradesParams   # CURE (a subclass) has CureParams: same attack-start fields
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         x_adv = self.trades_adversarial(model, x, y)
         logits_nat = model(x)       # (B, K), loop's mode
         logits_adv = model(x_adv)   # (B, K)
         ce = F.cross_entropy(logits_nat, y)
-        kl = kl_per_example(logits_nat, logits_adv).mean()  # batchmean
+        p_nat = model(x) if self.params.three_forwards else logits_nat   # (B, K), the official 3rd forward
+        kl = kl_per_example(p_nat, logits_adv).mean()  # batchmean
         return StepOutput(ce + self.params.beta * kl, logits_adv, {"ce_nat": float(ce.detach()),
                                                                    "kl": float(kl.detach())})
 
@@ -50,4 +66,4 @@ class Trades(Objective):
             logits_ref = model(x)  # p(x) of the attack, fixed while it runs
         x_init = gaussian_start(x, self.params.init_std, self.ctx.generator)
         return self.adversarial(model, x, y, loss_fn=lambda logits, _y: kl_per_example(logits_ref, logits),
-                                x_init=x_init)
+                                x_init=x_init, project_init=self.params.clamp_start)

@@ -28,6 +28,7 @@ rank; only rank 0 writes the resume state and calls `on_epoch`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 import warnings
@@ -77,7 +78,22 @@ def make_optimizer(params: list[nn.Parameter], o: OptimParams) -> torch.optim.Op
 
 
 def make_scheduler(opt: torch.optim.Optimizer, o: OptimParams) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: multistep (x lr_gamma at each milestone), cosine to 0, or constant."""
+    """Per-epoch schedule: multistep (x lr_gamma at each milestone), cosine to 0, or constant;
+    with `first_epoch_lr` the first epoch (index 0) runs at that lr instead (a one-epoch warm-up),
+    the later epochs at the schedule's own lr, written in closed form."""
+    if o.first_epoch_lr is not None:
+        first = o.first_epoch_lr / o.lr
+
+        def factor(e: int) -> float:
+            if e == 0:
+                return first
+            if o.schedule == "multistep":
+                return o.lr_gamma ** bisect.bisect_right(o.milestones, e)
+            if o.schedule == "cosine":
+                return (1 + math.cos(math.pi * e / o.epochs)) / 2
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if o.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(o.milestones), gamma=o.lr_gamma)
     if o.schedule == "cosine":
