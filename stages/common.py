@@ -28,8 +28,8 @@ def load_or_exit(path: Path) -> Params:
         raise typer.Exit(2) from None
 
 
-def fail(message: str) -> typer.Exit:
-    """Print `message` and return the exit-2 exception to raise. The message is printed literally
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `message` and return the exit-`code` exception to raise. The message is printed literally
     (a list like [standard, pgd_at] is not rich markup) and on one line (grep-able in CI logs)."""
     console.print(f"[bold red]error[/]: {escape(message)}", soft_wrap=True)
-    return typer.Exit(2)
+    return typer.Exit(code)

@@ -13,14 +13,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import typer
-from rich.markup import escape
 from typer.core import TyperGroup
 from typer.exceptions import Abort, Exit, TyperException
 
 from pipeline_lib.errors import UserError
 
-from .common import console
+from .common import fail
 
 DEBUG_ENV = "ARPIPE_DEBUG"
 DEBUG_KEY = "arpipe.debug"   # ctx.meta key set by the --debug option
@@ -60,6 +58,4 @@ class OneLineErrors(TyperGroup):
         except Exception as exc:
             if ctx.meta.get(DEBUG_KEY) or debug_enabled():
                 raise
-            message, code = describe(exc)
-            console.print(f"[bold red]error[/]: {escape(message)}", soft_wrap=True)
-            raise typer.Exit(code) from None
+            raise fail(*describe(exc)) from None

@@ -179,3 +179,13 @@ def test_shape_mismatch_is_named(saved: Path) -> None:
     torch.save(ckpt, saved)
     with pytest.raises(checkpoint.CheckpointError, match=rf"1 shape mismatched .*{name} \(3, 3\) vs"):
         checkpoint.load_model(saved)
+
+
+@pytest.mark.parametrize("text", ['{"format": "arpipe-corr', "[1, 2]"], ids=["cut", "a-list"])
+def test_damaged_corrupted_set_manifest_is_named(tmp_path: Path, text: str) -> None:
+    from pipeline_lib.corruption.store import MANIFEST, CorruptedSetError, read_manifest
+
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(CorruptedSetError) as info:
+        read_manifest(tmp_path)
+    assert str(tmp_path / MANIFEST) in _one_line(info.value)

@@ -172,6 +172,27 @@ def test_non_finite_loss_stops_training(make_ctx: Any) -> None:
         _train(make_ctx, objective_cls=Diverging)
 
 
+def test_a_loss_gone_non_finite_stops_within_the_epoch(make_ctx: Any, tmp_path: Path) -> None:
+    """A long epoch is not run to its end on nan weights: the flag is read every NONFINITE_CHECK_EVERY steps."""
+    from pipeline_lib.training.loop import NONFINITE_CHECK_EVERY
+
+    class InfFromStep2(OBJECTIVES.get("standard")):  # type: ignore[misc, valid-type]
+        calls = 0
+
+        def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+            type(self).calls += 1
+            out = super().loss(model, x, y)
+            return StepOutput(out.loss * (float("inf") if type(self).calls >= 2 else 1.0), out.logits)
+
+    x, y = _data(4 * (NONFINITE_CHECK_EVERY + 6), 1)
+    loader = BatchLoader(x, y, 4, shuffle=True, drop_last=True, seed=0)        # NONFINITE_CHECK_EVERY + 6 steps
+    obj = InfFromStep2(InfFromStep2.Params(), make_ctx(seed=0))
+    state = tmp_path / "state.pt"
+    with pytest.raises(FloatingPointError, match=rf"became inf at epoch 1, batch 2/{len(loader)}"):
+        fit(obj.prepare_model(_model()), obj, loader, _loaders()[1], OPTIM, seed=0, state_path=state, progress=False)
+    assert InfFromStep2.calls == NONFINITE_CHECK_EVERY and not state.exists()
+
+
 # --------------------------------------------------------------------------- mode hygiene
 def _modes(model: nn.Module) -> dict[str, bool]:
     return {name: m.training for name, m in model.named_modules()}

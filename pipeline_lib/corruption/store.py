@@ -111,9 +111,13 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise CorruptedSetError(f"{path} does not exist: run the `corrupt` stage first (dvc repro corrupt)")
-    manifest = read_json(path)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise CorruptedSetError(f"{path} is not an arpipe corrupted-set manifest (format={manifest.get('format')!r})")
+    try:
+        manifest = read_json(path)
+    except ValueError as exc:   # a cut or hand-broken file
+        raise CorruptedSetError(f"{path} is not valid JSON ({exc}): run the `corrupt` stage again") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if fmt != MANIFEST_FORMAT:
+        raise CorruptedSetError(f"{path} is not an arpipe corrupted-set manifest (format={fmt!r})")
     return manifest
 
 
