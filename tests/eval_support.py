@@ -26,6 +26,18 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, steps: int = 40, lr: float = 1e-
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
+        # BatchNorm running statistics after 40 steps are still an EMA of moving batch statistics
+        # (momentum 0.1), so eval-mode accuracy on x sat at 0.25 on one CPU and above on another.
+        # Set them to x's own statistics: eval mode then predicts what the fitted train mode does.
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.reset_running_stats()
+                    m.momentum = None    # cumulative average: one batch gives its exact statistics
+            model(x)
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = 0.1
         _WEIGHTS[key] = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(_WEIGHTS[key])
     return model.eval()
