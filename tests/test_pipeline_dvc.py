@@ -144,7 +144,7 @@ def test_every_stage_logged_an_mlflow_run(repo: Repo, first_run: set[str]) -> No
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     logged = {r.data.tags.get("dvc_stage", r.info.run_name) for r in runs}
-    assert repo.stages() - logged == set(), "stages without an MLflow run"
+    assert repo.stages() - logged == {"validate"}, "stages without an MLflow run (validate computes nothing)"
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
@@ -220,6 +220,7 @@ def test_an_evaluation_change_reruns_no_training(repo: Repo, first_run: set[str]
 
     evaluate = {s for s in repo.stages() if s.startswith("evaluate@")}
     downstream = evaluate | repo.descendants(evaluate)
+    downstream |= {"validate"}   # depends on every param; its unchanged stamp stops it re-running others
     assert evaluate <= repo.changed() <= downstream
     planned = repo.repro("--dry")
     assert evaluate <= planned <= downstream
