@@ -34,14 +34,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(ImageClassifier):
+    """CIFAR ResNet; `width` is the first stage's channels (64 in ResNet-18; stages w, 2w, 4w, 8w)."""
+
     def __init__(self, blocks: Sequence[int], num_classes: int, in_channels: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], width: int = 64) -> None:
         super().__init__(mean, std)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        cin = 64
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        cin = width
         layers = []
-        for i, (width, n) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
+        for i, (width, n) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), blocks, strict=True)):
             stride = 1 if i == 0 else 2
             seq = []
             for j in range(n):
@@ -50,10 +52,10 @@ class ResNet(ImageClassifier):
             layers.append(nn.Sequential(*seq))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = 512
-        self.head = nn.Linear(512, num_classes)
+        self.feature_dim = cin
+        self.head = nn.Linear(cin, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))  # (B, 512, H/8, W/8)
-        return self.pool(out).flatten(1)                                 # (B, 512)
+        return self.pool(out).flatten(1)                                 # (B, 8 * width), 512 in ResNet-18
