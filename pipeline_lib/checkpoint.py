@@ -47,12 +47,20 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, dataset: str, m
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ImageClassifier, dict[str, Any]]:
-    """Rebuild and load a model checkpoint; returns (model in eval mode, the checkpoint's meta)."""
+    """Rebuild and load a model checkpoint; returns (model in eval mode, the checkpoint's meta).
+
+    An imported TorchScript checkpoint (arch "torchscript") gives a plain nn.Module with logits only
+    (no forward_features): fine for evaluation; training refuses it as an init (its arch is no registry one)."""
     ckpt = load(path)
     if ckpt.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an arpipe model checkpoint (format={ckpt.get('format')!r})")
-    model = build_model(ckpt["arch"], get_spec(ckpt["dataset"]))
-    model.load_state_dict(ckpt["state_dict"])
+    if ckpt["arch"] == "torchscript":   # an imported network of any architecture (external.scripted)
+        from .external.scripted import load_embedded
+
+        model: nn.Module = load_embedded(ckpt, str(path))
+    else:
+        model = build_model(ckpt["arch"], get_spec(ckpt["dataset"]))
+        model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     return model, {"arch": ckpt["arch"], "dataset": ckpt["dataset"], **ckpt["meta"]}
 

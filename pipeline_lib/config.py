@@ -20,6 +20,7 @@ from .aggregation.config import AggregateParams
 from .corruption.config import CorruptionParams
 from .data.spec import SPECS
 from .evaluation.config import EvaluateParams, PGDEvalParams  # noqa: F401 - the evaluate section
+from .external.config import ExternalModel, check_names
 from .schema import StrictModel
 
 Fraction = float
@@ -217,6 +218,7 @@ class Params(StrictModel):
     finetune: FinetuneParams
     method: dict[str, MethodSpec]
     evaluate: EvaluateParams
+    external: dict[str, ExternalModel] = Field(default_factory=dict)   # published models to import (import@<name>)
     corruption: CorruptionParams    # corruption robustness (corrupt / corruption stages)
     aggregate: AggregateParams = AggregateParams()   # aggregation and regression gate
     mlflow: MlflowParams = MlflowParams()
@@ -251,10 +253,20 @@ class Params(StrictModel):
         if self.evaluate.n_eval > test_size:
             raise ValueError(f"evaluate.n_eval={self.evaluate.n_eval} exceeds the {test_size} test images "
                              f"of {self.data.dataset}")
+        trained = ["standard", *self.finetune.methods]
+        check_names(self.external, trained)
         for name in self.evaluate.models:
-            if name != "standard" and name not in self.finetune.methods:
-                raise ValueError(f"evaluate.models lists {name!r}, which is neither 'standard' nor in "
-                                 f"finetune.methods {self.finetune.methods}")
+            if name not in trained and name not in self.external:
+                raise ValueError(f"evaluate.models lists {name!r}, which is neither 'standard', in "
+                                 f"finetune.methods {self.finetune.methods} nor in external {sorted(self.external)}")
+            if name in self.external and self.external[name].dataset != self.data.dataset:
+                raise ValueError(f"evaluate.models lists {name!r}, imported for external.{name}.dataset="
+                                 f"{self.external[name].dataset}, but data.dataset={self.data.dataset}")
+        if self.aggregate.reference == "models":
+            absent = [m for m in self.aggregate.reference_models if m not in self.evaluate.models]
+            if absent:
+                raise ValueError(f"aggregate.reference: models needs every reference model evaluated; "
+                                 f"{absent} not in evaluate.models {self.evaluate.models}")
         return self
 
     def _check_batch_size(self, where: str, batch_size: int) -> None:

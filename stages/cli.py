@@ -6,7 +6,7 @@ import typer
 
 # Each stage module imports its share of the library inside its command, so a stage process
 # loads only what it runs (importing everything cost every stage ~5 s).
-from . import aggregate, corruption, evaluate, profile, train
+from . import aggregate, corruption, evaluate, import_model, profile, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Accuracy-robustness pipeline stages. Normally run by `dvc repro`.")
@@ -19,6 +19,7 @@ def main() -> None:
 
 app.command("pretrain")(train.pretrain)
 app.command("finetune")(train.finetune)
+app.command("import-model")(import_model.import_model)
 app.command("evaluate")(evaluate.evaluate)
 app.command("profile")(profile.profile)
 app.command("corrupt")(corruption.corrupt)
