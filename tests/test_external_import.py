@@ -7,6 +7,7 @@ codebase names them; the import must give back a network computing the same logi
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,32 @@ def test_cifar_test_split_alone_is_enough_for_evaluation(tmp_path: Path) -> None
     assert torch.equal(x, torch.from_numpy(written["test_batch"]))
     with pytest.raises(DataUnavailableError, match="lacks data_batch_1, data_batch_2"):
         load_train("cifar10", tmp_path, None, 0)
+
+
+# ------------------------------------------------------------------ aggregate: an imported model as ARDist reference
+def test_imported_model_is_an_ardist_reference_measured_in_this_run(tmp_path: Path) -> None:
+    """reference: models fits the curve through this run's standard model and the imported `pub`
+    (its own evaluate metrics, not a published number); the trained pgd_at is measured against it."""
+    import pandas as pd
+
+    raw = _params(pub={"path": "m.pt", "format": "state_dict", "arch": "small_cnn", "dataset": "fashion_mnist"})
+    raw["evaluate"]["models"] = ["standard", "pgd_at", "pub"]
+    raw["aggregate"] = {**raw["aggregate"], "reference": "models", "reference_models": ["standard", "pub"],
+                        "curve": "linear"}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    (tmp_path / "eval").mkdir()
+    # reference line through (90, 0) and (80, 40): robust = -4 clean + 360; pgd_at (85, 30) is 10 above it
+    for name, (clean, aa) in {"standard": (0.9, 0.0), "pgd_at": (0.85, 0.3), "pub": (0.8, 0.4)}.items():
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(
+            {"clean_acc": clean, "autoattack_acc": aa, "pgd_steps": 5, "n_eval": 100, "eps": 0.1}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["aggregate", "--eval-dir", str(tmp_path / "eval"), "--table",
+                                      str(out / "s.csv"), "--markdown", str(out / "s.md"), "--summary",
+                                      str(out / "s.json"), "--plot", str(out / "t.png"), "-p", str(params)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "s.csv").set_index("model")
+    assert table.loc["pub", "role"] == "reference" and table.loc["pgd_at", "role"] == "method"
+    assert table.loc["pgd_at", "ardist"] == pytest.approx(10 / 17 ** 0.5, abs=1e-3)
+    assert table.loc["pub", "ardist"] == pytest.approx(0.0, abs=1e-3)
+    assert "this run's standard, pub" in (out / "s.md").read_text()
