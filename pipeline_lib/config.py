@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .aggregation.config import AggregateParams
 from .corruption.config import CorruptionParams
-from .data.spec import SPECS
+from .data.spec import SPECS, known_dataset
 from .evaluation.config import EvaluateParams, PGDEvalParams  # noqa: F401 - the evaluate section
 from .external.config import ExternalModel, check_names
 from .schema import StrictModel
@@ -91,9 +91,7 @@ class DataParams(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        if v not in SPECS:
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(sorted(SPECS))}")
-        return v
+        return known_dataset(v)
 
     @model_validator(mode="after")
     def _sizes(self) -> DataParams:
@@ -115,11 +113,9 @@ class ModelParams(StrictModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from .models import MODELS
+        from .models import known_arch
 
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; registered: {', '.join(MODELS.names())}")
-        return v
+        return known_arch(v)
 
 
 class AttackParams(StrictModel):

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..data.spec import SPECS
+from ..data.spec import SPECS, known_dataset
 from ..schema import StrictModel
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"   # a model name is a file name (models/<name>.pt)
@@ -52,18 +52,14 @@ class ExternalModel(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        if v not in SPECS:
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(sorted(SPECS))}")
-        return v
+        return known_dataset(v)
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str | None) -> str | None:
-        from ..models import MODELS
+        from ..models import known_arch
 
-        if v is not None and v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; registered: {', '.join(MODELS.names())}")
-        return v
+        return None if v is None else known_arch(v)
 
     @model_validator(mode="after")
     def _format_fields(self) -> ExternalModel:
