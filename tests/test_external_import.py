@@ -335,3 +335,26 @@ def test_imported_model_is_an_ardist_reference_measured_in_this_run(tmp_path: Pa
     assert table.loc["pgd_at", "ardist"] == pytest.approx(10 / 17 ** 0.5, abs=1e-3)
     assert table.loc["pub", "ardist"] == pytest.approx(0.0, abs=1e-3)
     assert "this run's standard, pub" in (out / "s.md").read_text()
+
+
+def test_benchmark_reads_the_test_split_and_refuses_bad_inputs(tmp_path: Path) -> None:
+    from pipeline_lib.benchmark import benchmark
+    from pipeline_lib.evaluation.model_checks import ModelCheckError
+
+    folder, written = write_cifar(tmp_path, "cifar10", n_per_file=6)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").unlink()
+    model = _project_model("small_cnn")
+    cheap = {"attacks": ["fgsm", "pgd"], "pgd": {"steps": 2, "step_size": 0.005}, "eps_sweep": [0.02]}
+    res = benchmark(model, dataset="cifar10", eps=0.01, n_eval=6, data_root=tmp_path, evaluate=cheap)
+    assert res.record.n == 6 and [st.name for st in res.steps] == ["fgsm", "pgd", "pgd_eps_0.02"]
+    x = torch.from_numpy(written["test_batch"]).float() / 255
+    with torch.no_grad():
+        assert res.metrics["clean_acc"] == float((model(x).argmax(1) == res.record.labels).float().mean())
+    assert set(res.metrics["flags"]) == {"multistep_weaker_than_fgsm", "eps_not_monotone"}
+    with pytest.raises(ValueError, match=r"float images in \[0, 1\]"):
+        benchmark(model, x * 255, res.record.labels, dataset="cifar10", eps=0.01, evaluate=cheap)
+    with pytest.raises(ValueError, match=r"x must be \(N, 3, 32, 32\)"):
+        benchmark(model, x[:, :1], res.record.labels, dataset="cifar10", eps=0.01, evaluate=cheap)
+    with pytest.raises(ModelCheckError, match="train mode"):
+        benchmark(model.train(), x, res.record.labels, dataset="cifar10", eps=0.01, evaluate=cheap)
