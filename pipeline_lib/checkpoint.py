@@ -120,7 +120,10 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, dataset: str, m
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ImageClassifier, dict[str, Any]]:
-    """Rebuild and load a model checkpoint; returns (model in eval mode, the checkpoint's meta)."""
+    """Rebuild and load a model checkpoint; returns (model in eval mode, the checkpoint's meta).
+
+    An imported TorchScript checkpoint (arch "torchscript") gives a plain nn.Module with logits only
+    (no forward_features): fine for evaluation; training refuses it as an init (its arch is no registry one)."""
     ckpt = load(path)
     fmt = ckpt.get("format")
     if fmt != MODEL_FORMAT:
@@ -132,6 +135,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Im
     missing = [k for k in ("arch", "dataset", "state_dict", "meta") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: the {MODEL_FORMAT} header lacks {', '.join(missing)}")
+    if ckpt["arch"] == "torchscript":   # an imported network of any architecture (external.scripted)
+        from .external.scripted import load_embedded
+
+        model: nn.Module = load_embedded(ckpt, str(path))
+        model.to(device).eval()
+        return model, {"arch": ckpt["arch"], "dataset": ckpt["dataset"], **ckpt["meta"]}  # type: ignore[return-value]
     try:
         model = build_model(ckpt["arch"], get_spec(ckpt["dataset"]))
     except (KeyError, ValueError) as exc:

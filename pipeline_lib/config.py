@@ -18,8 +18,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .aggregation.config import AggregateParams
 from .corruption.config import CorruptionParams
-from .data.spec import SPECS
+from .data.spec import SPECS, known_dataset
 from .evaluation.config import EvaluateParams, PGDEvalParams  # noqa: F401 - the evaluate section
+from .external.config import ExternalModel, check_names
 from .schema import StrictModel
 from .errors import UserError
 
@@ -91,9 +92,7 @@ class DataParams(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        if v not in SPECS:
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(sorted(SPECS))}")
-        return v
+        return known_dataset(v)
 
     @model_validator(mode="after")
     def _sizes(self) -> DataParams:
@@ -115,11 +114,9 @@ class ModelParams(StrictModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from .models import MODELS
+        from .models import known_arch
 
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; registered: {', '.join(MODELS.names())}")
-        return v
+        return known_arch(v)
 
 
 class AttackParams(StrictModel):
@@ -221,6 +218,7 @@ class Params(StrictModel):
     finetune: FinetuneParams
     method: dict[str, MethodSpec]
     evaluate: EvaluateParams
+    external: dict[str, ExternalModel] = Field(default_factory=dict)   # published models to import (import@<name>)
     corruption: CorruptionParams    # corruption robustness (corrupt / corruption stages)
     aggregate: AggregateParams = AggregateParams()   # aggregation and regression gate
     mlflow: MlflowParams = MlflowParams()
@@ -255,10 +253,20 @@ class Params(StrictModel):
         if self.evaluate.n_eval > test_size:
             raise ValueError(f"evaluate.n_eval={self.evaluate.n_eval} exceeds the {test_size} test images "
                              f"of {self.data.dataset}")
+        trained = ["standard", *self.finetune.methods]
+        check_names(self.external, trained)
         for name in self.evaluate.models:
-            if name != "standard" and name not in self.finetune.methods:
-                raise ValueError(f"evaluate.models lists {name!r}, which is neither 'standard' nor in "
-                                 f"finetune.methods {self.finetune.methods}")
+            if name not in trained and name not in self.external:
+                raise ValueError(f"evaluate.models lists {name!r}, which is neither 'standard', in "
+                                 f"finetune.methods {self.finetune.methods} nor in external {sorted(self.external)}")
+            if name in self.external and self.external[name].dataset != self.data.dataset:
+                raise ValueError(f"evaluate.models lists {name!r}, imported for external.{name}.dataset="
+                                 f"{self.external[name].dataset}, but data.dataset={self.data.dataset}")
+        if self.aggregate.reference == "models":
+            absent = [m for m in self.aggregate.reference_models if m not in self.evaluate.models]
+            if absent:
+                raise ValueError(f"aggregate.reference: models needs every reference model evaluated; "
+                                 f"{absent} not in evaluate.models {self.evaluate.models}")
         return self
 
     def _check_batch_size(self, where: str, batch_size: int) -> None:

@@ -6,7 +6,7 @@ import typer
 
 # Each stage module imports its share of the library inside its command, so a stage process
 # loads only what it runs (importing everything cost every stage ~5 s).
-from . import aggregate, corruption, evaluate, profile, train, validate
+from . import aggregate, corruption, evaluate, import_model, profile, train, validate
 from .errors import DEBUG_ENV, DEBUG_KEY, OneLineErrors
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -22,6 +22,7 @@ def main(ctx: typer.Context,
 
 app.command("pretrain")(train.pretrain)
 app.command("finetune")(train.finetune)
+app.command("import-model")(import_model.import_model)
 app.command("evaluate")(evaluate.evaluate)
 app.command("profile")(profile.profile)
 app.command("corrupt")(corruption.corrupt)

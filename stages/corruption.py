@@ -32,7 +32,7 @@ def corrupt(
 
 
 def corruption(
-    name: str = typer.Argument(..., help="model name: 'standard' or a finetune instance"),
+    name: str = typer.Argument(..., help="model name: 'standard', a finetune instance or an external (imported) model"),
     model: Path = typer.Option(..., help="model checkpoint to evaluate"),
     data: Path = typer.Option(..., help="the corrupt stage's output folder"),
     metrics: Path = typer.Option(..., help="metrics JSON to write"),

@@ -15,7 +15,7 @@ STATE_DIR = Path("cache/eval_state")  # resumable state, outside DVC's outputs s
 
 
 def evaluate(
-    name: str = typer.Argument(..., help="model name: 'standard' or a finetune instance"),
+    name: str = typer.Argument(..., help="model name: 'standard', a finetune instance or an external (imported) model"),
     model: Path = typer.Option(..., help="model checkpoint to evaluate"),
     metrics: Path = typer.Option(..., help="metrics JSON to write"),
     record: Path = typer.Option(..., help="per-example record CSV (which attack broke which image)"),

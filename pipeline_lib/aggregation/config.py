@@ -71,9 +71,11 @@ class AggregateParams(StrictModel):
     robust_metric: RobustMetric = "autoattack"
     robust_fallback: list[RobustMetric] = Field(default_factory=lambda: ["worst_case", "cw", "pgd"])
     # ARDist reference points: `own` = this run's models named in reference_models (those
-    # present); `published` = rows of pipeline_lib/references/<published_table>.csv whose
+    # present); `models` = the same, but every one must be in evaluate.models (trained or
+    # imported with `external`: a published model measured under this run's attacks);
+    # `published` = rows of pipeline_lib/references/<published_table>.csv whose
     # method is in reference_models (and source_id in published_sources, if given).
-    reference: Literal["own", "published"] = "own"
+    reference: Literal["own", "models", "published"] = "own"
     reference_models: list[str] = Field(default_factory=lambda: ["standard", "pgd_at", "trades", "mart"],
                                         min_length=1)
     published_table: str = "cifar10_wrn34_10"

@@ -137,7 +137,7 @@ def _mce_vs_standard(models: Sequence[ModelMetrics], notes: list[str]) -> dict[s
 def _reference_points(ap: AggregateParams, rows: Mapping[str, Mapping[str, Any]], run_metric: str | None,
                       dataset: str | None, arch: str | None, notes: list[str]) -> list[ReferencePoint]:
     """The points the reference curve goes through; appends a note when they are not comparable to the run."""
-    if ap.reference == "own":
+    if ap.reference != "published":   # own, models: points measured in this run
         return own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
                           {n: r["robust"] for n, r in rows.items()})
     points = published_points(ap.published_table, ap.reference_models, ap.published_sources)
@@ -180,7 +180,7 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
     if curve is not None and not curve.is_non_increasing():
         notes.append(f"the reference points show no tradeoff (robust accuracy rises with clean accuracy: "
                      f"{curve.describe()}); ARDist then measures the distance to that rising curve")
-    ref_names = {p.method for p in points} if ap.reference == "own" else set()
+    ref_names = {p.method for p in points} if ap.reference != "published" else set()
     for n, row in rows.items():
         row["role"] = "reference" if n in ref_names else "method"
         row["ardist"] = (signed_distance(curve, row["clean"], row["robust"])

@@ -61,7 +61,7 @@ def markdown(s: Summary) -> str:
         "with published mCE).",
     ]
     if s.curve is not None:
-        ref = ("this run's " + ", ".join(p.method for p in s.reference_points) if s.reference_mode == "own"
+        ref = ("this run's " + ", ".join(p.method for p in s.reference_points) if s.reference_mode != "published"
                else f"{len(s.reference_points)} published points (listed below)")
         lines.append(f"- **ARDist** = signed Euclidean distance (points) from a model's (clean, robust) point to the "
                      f"reference tradeoff curve, positive beyond it (above/right). The project's definition "

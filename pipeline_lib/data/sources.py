@@ -120,11 +120,14 @@ def load_fashion_mnist(root: Path, train: bool, download: bool) -> tuple[Tensor,
 
 
 # --------------------------------------------------------------------------- CIFAR pickles
-def ensure_cifar(name: str, root: Path, download: bool) -> Path:
+def ensure_cifar(name: str, root: Path, download: bool, train: bool = True) -> Path:
+    """The extracted folder holding the batch files of the split(s) needed: training needs every
+    file, evaluation (train=False) only the test batch, so published models evaluate without them."""
     folder, archive, url, md5, train_files, test_files, _ = CIFAR[name]
     path = root / folder
+    needed = (*train_files, *test_files) if train else tuple(test_files)
     # Every batch file, not just the folder: an interrupted extraction leaves a partial folder.
-    missing = [f for f in (*train_files, *test_files) if not (path / f).is_file()]
+    missing = [f for f in needed if not (path / f).is_file()]
     if not missing:
         return path
     if not download:
@@ -139,7 +142,7 @@ def ensure_cifar(name: str, root: Path, download: bool) -> Path:
     except Exception as exc:
         raise DataUnavailableError(f"downloading {name} from {url} failed: {exc}. Extract {archive} "
                                    f"into {root} by hand on a machine with network access.") from exc
-    missing = [f for f in (*train_files, *test_files) if not (path / f).is_file()]
+    missing = [f for f in needed if not (path / f).is_file()]
     if missing:
         raise DataUnavailableError(f"{archive} did not contain {folder}/{', '.join(missing)}")
     return path
@@ -174,7 +177,7 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
 
 
 def load_cifar(name: str, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
-    folder = ensure_cifar(name, root, download)
+    folder = ensure_cifar(name, root, download, train)
     _, _, _, _, train_files, test_files, label_key = CIFAR[name]
     parts = [read_cifar_batch(folder / f, label_key) for f in (train_files if train else test_files)]
     images = np.concatenate([p[0] for p in parts])

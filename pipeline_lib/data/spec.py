@@ -32,3 +32,10 @@ def get_spec(name: str) -> DatasetSpec:
         return SPECS[name]
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(SPECS))}") from None
+
+
+def known_dataset(name: str) -> str:
+    """`name` if it is a supported dataset (a params validator), else ValueError naming it."""
+    if name not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(SPECS))}")
+    return name

@@ -57,7 +57,22 @@ def build_autoattack(model: nn.Module, params: AutoAttackParams, *, eps: float, 
         aa.fab.n_target_classes = c.target_classes
     if c.square_queries is not None:
         aa.square.n_queries = c.square_queries
+    if c.apgd_iterations is not None:
+        _rebuild_apgd(aa, c.apgd_iterations, eps=eps, seed=seed, device=device)
     return aa
+
+
+def _rebuild_apgd(aa: Any, n_iter: int, *, eps: float, seed: int, device: torch.device | str) -> None:
+    """APGD with `n_iter` iterations. Its constructor derives the step-size checkpoints from n_iter,
+    so the attacks are built anew (pyautoattack's public classes, AutoAttack's own arguments) with
+    the restarts / target classes already set carried over."""
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+    common = {"n_iter": n_iter, "norm": "Linf", "eps": eps, "seed": seed, "eot_iter": 1, "rho": .75,
+              "verbose": False, "device": device, "logger": aa.logger}
+    aa.apgd = APGDAttack(aa.model, n_restarts=aa.apgd.n_restarts, **common)
+    aa.apgd_targeted = APGDAttack_targeted(aa.model, n_restarts=aa.apgd_targeted.n_restarts,
+                                           n_target_classes=aa.apgd_targeted.n_target_classes, **common)
 
 
 def run_component(aa: Any, component: str, x: Tensor, y: Tensor, *, batch_size: int) -> Tensor:

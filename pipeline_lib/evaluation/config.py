@@ -34,6 +34,8 @@ class CustomAutoAttack(StrictModel):
     apgd_restarts: int | None = Field(default=None, ge=1)    # APGD-CE / APGD-DLR restarts (standard: 1)
     target_classes: int | None = Field(default=None, ge=1)   # APGD-T / FAB-T target classes (standard: 9)
     square_queries: int | None = Field(default=None, ge=1)   # Square queries (standard: 5000)
+    # APGD-CE / APGD-DLR / APGD-T iterations (standard: 100): fewer only for smoke tests of big networks
+    apgd_iterations: int | None = Field(default=None, ge=1)
 
     @field_validator("attacks")
     @classmethod

@@ -32,13 +32,12 @@ from ..io import atomic_write, write_json
 from ..runtime import configure_determinism, resolve_device
 from ..tracking import Tracker
 from .autoattack import capture_logs
-from .cascade import run_cascade
-from .config import EvaluateConfigError, EvaluateParams, check_against
+from .benchmark import evaluate_model
+from .config import EvaluateConfigError, check_against
 from .plot import plot_evaluation
 from .record import STATE_FORMAT
-from .registry import AttackEnv, AttackStep, plan_steps, sweep_metric
-from .sanity import sanity_report
-from .summary import accuracies, autoattack_progress, step_times, worst_case_columns
+from .registry import AttackEnv, AttackStep, plan_steps
+from .summary import worst_case_columns
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +57,6 @@ def eval_fingerprint(p: Params, checkpoint_sha256: str, device: torch.device, st
               "eps": p.threat.eps, "device": device.type, "steps": [st.name for st in steps],
               "evaluate": p.evaluate.model_dump(exclude={"models", "sanity_tolerance"})}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def eps_curve(acc: dict[str, float], e: EvaluateParams, eps: float) -> list[tuple[float, float]]:
-    """(eps, PGD accuracy) points: clean at 0, the sweep, and threat.eps when pgd_acc is independent."""
-    pts = [(0.0, acc["clean_acc"])] + [(v, acc[sweep_metric(v)]) for v in e.eps_sweep]
-    if "pgd_acc" in acc and not e.cascade:
-        pts.append((eps, acc["pgd_acc"]))
-    return sorted(pts)
 
 
 def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
@@ -88,45 +79,29 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
     x, y = load_test(p.data.dataset, p.data.root, e.n_eval, p.data.download)
     x, y = x.to(device).float().div_(255), y.to(device)
 
-    steps = plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size))
     sha = checkpoint.file_sha256(model_path)
     out.state_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out.state_dir / "state.pt", out.state_dir / "eval.log"
     stage = f"evaluate@{name}"
-    fp = eval_fingerprint(p, sha, device, steps)
+    # The fingerprint of what determines the record keys both the resumable state and the MLflow run
+    # a resumed evaluation continues (planning the steps builds closures only: no attack runs here).
+    fp = eval_fingerprint(p, sha, device, plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size)))
     with Tracker(p.mlflow.experiment, stage, tags={"stage": "evaluate", "method": name, "dvc_stage": stage},
-                 resume_key=fp) as tr:   # a resumed evaluation continues its interrupted run
+                 resume_key=fp) as tr:
+        with capture_logs(log_path):
+            log.info("%s: %s (%s) on %s", stage, model_path, meta["arch"], p.data.dataset)
+            # the same function as the public benchmark(): the stage adds files, MLflow and resumption
+            ev = evaluate_model(model, x, y, e, eps=eps, num_classes=spec.num_classes, device=device,
+                                state_path=state_path, fingerprint=lambda steps: eval_fingerprint(p, sha, device, steps),
+                                progress=p.runtime.progress, desc=stage)
+        record, steps, acc, report, metrics = ev.record, ev.steps, ev.accuracies, ev.report, ev.metrics
         tr.log_params({"evaluate": e.model_dump(exclude={"models"}), "eps": eps, "checkpoint": str(model_path),
                        "checkpoint_sha256": sha, "steps": [st.name for st in steps]})
-        with capture_logs(log_path):
-            log.info("%s: %s (%s), first %d test images of %s, eps=%g, steps: %s", stage, model_path,
-                     meta["arch"], len(y), p.data.dataset, eps, ", ".join(st.name for st in steps))
-            record = run_cascade(model, x, y, steps, batch_size=e.batch_size, seed=e.seed, cascade=e.cascade,
-                                 num_classes=spec.num_classes, state_path=state_path,
-                                 fingerprint=fp,
-                                 progress=p.runtime.progress, desc=stage)
-            acc = accuracies(record, steps, e.cascade)
-            curve = eps_curve(acc, e, eps)
-            attack_acc = {k.removesuffix("_acc"): v for k, v in acc.items()
-                          if k in ("fgsm_acc", "pgd_acc", "cw_acc", "autoattack_acc")}
-            report = sanity_report(attack_acc, curve, tol=e.sanity_tolerance, compare_attacks=not e.cascade)
-            for message in report.messages:
-                log.warning("%s: SANITY FLAG: %s", stage, message)
-            times = step_times(record, steps)
-            metrics: dict[str, Any] = {
-                **acc, "pgd_steps": e.pgd.steps, "n_eval": record.n, "eps": eps, "cascade": e.cascade,
-                "eval_time_s": round(sum(times.values()), 3), "time_s": times,
-                "flags": report.flags, "warnings": report.messages,
-            }
-            if any(st.metric == "autoattack_acc" for st in steps):
-                metrics["autoattack_after"] = autoattack_progress(record, steps, e.cascade)
-            log.info("%s: %s; flags raised: %s", stage, ", ".join(f"{k}={v:.4f}" for k, v in acc.items()),
-                     ", ".join(report.raised) or "none")
 
         write_json(out.metrics, metrics)
         record.write_csv(out.record, worst_case_columns(steps))
         plot_evaluation(out.plot, f"{stage}: {meta['arch']} on {p.data.dataset}, first {record.n} test images",
-                        acc, curve, eps, report.raised)
+                        acc, ev.curve, eps, report.raised)
         log_bytes = log_path.read_bytes()
         atomic_write(out.log, lambda fh: fh.write(log_bytes))
 

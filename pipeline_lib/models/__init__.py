@@ -36,8 +36,15 @@ def build_model(arch: str, spec: DatasetSpec) -> ImageClassifier:
     return MODELS.get(arch)(spec)
 
 
+def known_arch(name: str) -> str:
+    """`name` if it is a registered architecture (a params validator), else ValueError naming it."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODELS.names())}")
+    return name
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "ImageClassifier", "Normalize", "build_model", "count_parameters"]
+__all__ = ["MODELS", "ImageClassifier", "Normalize", "build_model", "count_parameters", "known_arch"]
