@@ -15,8 +15,8 @@ def import_model(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Turn a published checkpoint (state_dict or TorchScript) into a project checkpoint with provenance."""
-    from pipeline_lib.external import ImportModelError
-    from pipeline_lib.external import import_model as run_import
+    from pipeline_lib.external.importer import ImportModelError
+    from pipeline_lib.external.importer import import_model as run_import
 
     p = load_or_exit(params)
     if name not in p.external:

@@ -107,7 +107,7 @@ def closure(start: str, stop: frozenset[str] = frozenset()) -> set[str]:
 def _commands() -> dict[str, str]:
     """`arpipe` subcommand -> `module:function` of its command, from stages/cli.py's app.command(...) lines."""
     text = (REPO / "stages" / "cli.py").read_text(encoding="utf-8")
-    return {cmd: f"stages.{mod}:{fn}" for cmd, mod, fn in re.findall(r'app\.command\("(\w+)"\)\((\w+)\.(\w+)\)', text)}
+    return {cmd: f"stages.{mod}:{fn}" for cmd, mod, fn in re.findall(r'app\.command\("([\w-]+)"\)\((\w+)\.(\w+)\)', text)}
 
 
 def _stages() -> list[tuple[str, str, list[str]]]:
@@ -115,7 +115,8 @@ def _stages() -> list[tuple[str, str, list[str]]]:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
     out = []
     for name, stage in dvc["stages"].items():
-        cmd = re.match(r"arpipe (\w+)", stage["cmd"].strip())
+        stage = stage.get("do", stage)   # a foreach stage keeps its definition under `do`
+        cmd = re.match(r"arpipe ([\w-]+)", stage["cmd"].strip())
         assert cmd, f"{name}: not an arpipe command"
         deps = [d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith(("pipeline_lib", "stages"))]
         out.append((name, cmd.group(1), deps))

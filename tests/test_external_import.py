@@ -21,7 +21,8 @@ from datafiles import base_params_dict, write_cifar
 from pipeline_lib import checkpoint
 from pipeline_lib.config import ParamsError, parse_params
 from pipeline_lib.data import DataUnavailableError, get_spec, load_test, load_train
-from pipeline_lib.external import ExternalModel, ImportModelError, import_model
+from pipeline_lib.external.config import ExternalModel
+from pipeline_lib.external.importer import ImportModelError, import_model
 from pipeline_lib.models import build_model
 from stages.cli import app
 
