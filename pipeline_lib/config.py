@@ -38,6 +38,9 @@ class RuntimeParams(StrictModel):
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     deterministic: bool = True      # deterministic kernels (see runtime.configure_determinism)
     num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = torch default
+    # CPU kernels: portable pins ATen/MKL/oneDNN to AVX2 (same bits on any x86-64), native lets
+    # them pick the CPU's best; applied before torch loads (pipeline_lib.numerics, docs/reproducibility.md)
+    numerics: Literal["portable", "native"] = "portable"
     progress: bool = True           # progress bars
     # -- GPU fast paths --------------------------------------------------------------------
     amp: Literal["none", "bf16"] = "none"   # bf16 autocast over the training loss, attack included (runtime.autocast)
