@@ -2,7 +2,7 @@
 
 Outputs (paths from dvc.yaml, through the stage command):
     metrics  JSON: clean_acc, fgsm_acc, pgd_acc, cw_acc, autoattack_acc, worst_case_acc (fractions;
-             an attack not run is absent), pgd_acc_eps_<eps> for the sweep, pgd_steps, n_eval, eps,
+             an attack not run is absent), ci95 ({<key>_acc: {lo, hi}}: Wilson 95 % bounds), pgd_acc_eps_<eps> for the sweep, pgd_steps, n_eval, eps,
              eval_time_s, time_s per attack, autoattack_after (accuracy after each component),
              flags (sanity checks made -> raised?) and warnings (their messages)
     record   CSV: which attack broke which test image (see evaluation.record)
@@ -30,6 +30,7 @@ from ..config import Params
 from ..data import get_spec, load_test
 from ..io import atomic_write, write_json
 from ..runtime import configure_determinism, resolve_device
+from ..stats import interval_block
 from ..tracking import Tracker
 from .autoattack import capture_logs
 from .cascade import run_cascade
@@ -111,6 +112,7 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs) -> 
                 **acc, "pgd_steps": e.pgd.steps, "n_eval": record.n, "eps": eps, "cascade": e.cascade,
                 "eval_time_s": round(sum(times.values()), 3), "time_s": times,
                 "flags": report.flags, "warnings": report.messages,
+                "ci95": interval_block(acc, record.n),   # Wilson 95 % bounds of every *_acc (pipeline_lib/stats.py)
             }
             if any(st.metric == "autoattack_acc" for st in steps):
                 metrics["autoattack_after"] = autoattack_progress(record, steps, e.cascade)
