@@ -15,23 +15,29 @@ def aggregate(
     eval_dir: Path = typer.Option(..., help="folder of evaluate-stage metrics, <model>.json"),
     train_dir: Path | None = typer.Option(None, help="folder of training metrics, <model>.json (train time)"),
     corruption_dir: Path | None = typer.Option(None, help="folder of corruption metrics, <model>.json; blanks if absent"),
+    record_dir: Path | None = typer.Option(None, help="folder of per-example records, <model>_record.csv: paired "
+                                                      "comparisons and ARDist intervals"),
     table: Path = typer.Option(..., help="comparison table CSV to write (also DVC plot data)"),
     markdown: Path = typer.Option(..., help="comparison table Markdown to write"),
     summary: Path = typer.Option(..., help="summary metrics JSON to write (DVC metrics, gate input)"),
     plot: Path = typer.Option(..., help="accuracy-robustness tradeoff PNG to write"),
+    comparisons_csv: Path | None = typer.Option(None, help="paired comparisons CSV to write (needs --record-dir)"),
+    comparisons_md: Path | None = typer.Option(None, help="paired comparisons Markdown to write"),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Compare every evaluated model: NRR, ARDist, sweep mean gaps, table, tradeoff plot, MLflow runs."""
+    """Compare every evaluated model: NRR, ARDist, intervals, paired comparisons, table, tradeoff plot, MLflow."""
     from pipeline_lib.aggregation.job import AggregateInputs, AggregateOutputs, run_aggregate
     from pipeline_lib.aggregation.metrics_io import MetricsError
     from pipeline_lib.aggregation.references import published_points
 
     p = load_or_exit(params)
+    if (comparisons_csv is None) != (comparisons_md is None):
+        raise fail("give both --comparisons-csv and --comparisons-md, or neither")
     try:
         if p.aggregate.reference == "published":   # a broken shipped table should fail before any work
             published_points(p.aggregate.published_table, p.aggregate.reference_models, p.aggregate.published_sources)
-        s = run_aggregate(p, AggregateInputs(eval_dir, train_dir, corruption_dir),
-                          AggregateOutputs(table, markdown, summary, plot))
+        s = run_aggregate(p, AggregateInputs(eval_dir, train_dir, corruption_dir, record_dir),
+                          AggregateOutputs(table, markdown, summary, plot, comparisons_csv, comparisons_md))
     except (MetricsError, ValueError) as exc:
         raise fail(str(exc)) from None
     for row in s.rows:

@@ -78,7 +78,9 @@ class AggregateParams(StrictModel):
                                         min_length=1)
     published_table: str = "cifar10_wrn34_10"
     published_sources: list[str] | None = None
-    curve: CurveFamily = "auto"
+    curve: CurveFamily = "auto"   # the sweeps' fitted curves; the reference is always the Pareto frontier
+    # Paired comparisons (table `comparisons`): every other model against each of these, same test examples.
+    compare_to: list[str] = Field(default_factory=lambda: ["pgd_at"])
     gate: GateParams = GateParams()
 
     @field_validator("published_table")
