@@ -79,7 +79,7 @@ def choose_robust_metric(models: Sequence[ModelMetrics], order: Sequence[str]) -
 def _context(models: Sequence[ModelMetrics], dataset: str | None, arch: str | None) -> dict[str, Any]:
     """What the numbers mean; a per-model mapping where the models disagree (e.g. different n_eval)."""
     ctx: dict[str, Any] = {"dataset": dataset, "arch": arch}
-    for key in ("eps", "n_eval", "pgd_steps"):
+    for key in ("eps", "n_eval", "pgd_steps", "cascade"):
         values = {mm.name: getattr(mm, key) for mm in models}
         distinct = set(values.values())
         ctx[key] = distinct.pop() if len(distinct) == 1 else values
