@@ -12,6 +12,12 @@ from .common import PARAMS_OPTION, console, fail, load_or_exit
 STATE_DIR = Path("cache/eval_state")  # resumable state, outside DVC's outputs so a rerun can resume
 
 
+def state_name(name: str, metrics: Path) -> str:
+    """The resume-state folder's name: the model's, plus its replicate's seed<k> folder when it has one."""
+    parent = metrics.parent.name
+    return f"{parent}-{name}" if parent.startswith("seed") and parent[4:].isdigit() else name
+
+
 def evaluate(
     name: str = typer.Argument(..., help="model name: 'standard' or a finetune instance"),
     model: Path = typer.Option(..., help="model checkpoint to evaluate"),
@@ -30,7 +36,7 @@ def evaluate(
     if not model.exists():
         raise fail(f"model checkpoint {model} does not exist")
     try:
-        result = run_evaluation(p, name, model, EvalOutputs(metrics, record, log, plot, STATE_DIR / name))
+        result = run_evaluation(p, name, model, EvalOutputs(metrics, record, log, plot, STATE_DIR / state_name(name, metrics)))
     except (EvaluateConfigError, ModelCheckError) as exc:
         raise fail(str(exc)) from None
     console.print(f"evaluate@{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.endswith("_acc"))

@@ -202,11 +202,11 @@ def test_no_mce_without_the_standard_models_table(workdir: Path) -> None:
     assert "no mCE vs standard" in (out / "summary.md").read_text()
 
 
-def _write_records(d: Path) -> None:
-    """Per-example records agreeing with EVAL on 500 examples: the first k_clean right on clean images,
+def _write_records(d: Path, evals: dict[str, dict[str, float]] = EVAL) -> None:
+    """Per-example records in d agreeing with `evals` on 500 examples: the first k_clean right on clean images,
     of those the first k_attack survive each attack (pgd_at_b's examples shifted so pairs disagree)."""
-    (d / "records").mkdir()
-    for name, metrics in EVAL.items():
+    d.mkdir(parents=True)
+    for name, metrics in evals.items():
         attacks = [k.removesuffix("_acc") for k in metrics if k != "clean_acc"]
         shift = 37 if name == "pgd_at_b" else 0
         lines = ["index,label,clean_pred,clean_correct," + ",".join(attacks) + ",robust"]
@@ -215,18 +215,23 @@ def _write_records(d: Path) -> None:
             clean = j < round(500 * metrics["clean_acc"])
             cells = ["0" if j < round(500 * metrics[f"{a}_acc"]) else "1" if clean else "" for a in attacks]
             lines.append(f"{i},0,{0 if clean else 1},{int(clean)}," + ",".join(cells) + f",{int('1' not in cells and clean)}")
-        (d / "records" / f"{name}_record.csv").write_text("\n".join(lines) + "\n")
+        (d / f"{name}_record.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_records_give_intervals_and_paired_comparisons(workdir: Path) -> None:
-    _write_records(workdir)
+def _aggregate_with_records(workdir: Path, params: Path):
     out = workdir / "out"
     result = runner.invoke(app, [
         "aggregate", "--eval-dir", str(workdir / "eval"), "--record-dir", str(workdir / "records"),
         "--table", str(out / "summary.csv"), "--markdown", str(out / "summary.md"),
         "--summary", str(out / "summary.json"), "--plot", str(out / "tradeoff.png"),
         "--comparisons-csv", str(out / "comparisons.csv"), "--comparisons-md", str(out / "comparisons.md"),
-        "--params", str(write_params(workdir))])
+        "--params", str(params)])
+    return result, out
+
+
+def test_records_give_intervals_and_paired_comparisons(workdir: Path) -> None:
+    _write_records(workdir / "records")
+    result, out = _aggregate_with_records(workdir, write_params(workdir))
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "summary.csv").set_index("model")
     wilson = binomtest(400, 500).proportion_ci(method="wilson")                # pgd_at: 400 of 500 clean
@@ -247,3 +252,26 @@ def test_records_give_intervals_and_paired_comparisons(workdir: Path) -> None:
     assert summary["ci95"]["pgd_at"]["clean"] == {"lo": pytest.approx(bounds[0], abs=1e-4),
                                                   "hi": pytest.approx(bounds[1], abs=1e-4)}
     assert "clean_lo" not in summary["models"]["pgd_at"]                     # bounds stay out of the gated metrics
+
+
+def test_replicate_seeds_give_mean_std_and_stratified_comparisons(workdir: Path) -> None:
+    _write_records(workdir / "records")
+    seed1 = {**EVAL, "pgd_at": {**EVAL["pgd_at"], "clean_acc": 0.84}}     # pgd_at's clean 80 / 84 over seeds
+    (workdir / "eval" / "seed1").mkdir()
+    for name, metrics in seed1.items():
+        (workdir / "eval" / "seed1" / f"{name}.json").write_text(
+            json.dumps({**metrics, "pgd_steps": 20, "n_eval": 500, "eps": 0.1}))
+    _write_records(workdir / "records" / "seed1", seed1)
+    params = write_params(workdir)
+    raw = yaml.safe_load(params.read_text())
+    raw["replicates"] = [1]
+    params.write_text(yaml.safe_dump(raw))
+    result, out = _aggregate_with_records(workdir, params)
+    assert result.exit_code == 0, result.output
+    md = (out / "summary.md").read_text()
+    assert "mean ± std over 2 seeds (0, 1)" in md
+    assert f"82.0 ± {math.sqrt(8):.1f}" in md                              # mean and sample std of 80, 84
+    comp = pd.read_csv(out / "comparisons.csv").set_index(["model", "metric"])
+    # stratified: 500 examples x 2 seeds; standard's clean 90 vs pgd_at's 80 and 84 -> +8 points on average
+    assert comp.loc[("standard", "clean"), "n"] == 1000
+    assert comp.loc[("standard", "clean"), "diff"] == pytest.approx(8.0)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from ..config import Params
 from ..tracking import Tracker
-from .metrics_io import collect_metrics
+from .metrics_io import ModelMetrics, collect_metrics
 from .plot import write_tradeoff_plot
-from .summary import NUMERIC_COLUMNS, Summary, build_summary
-from .records import load_correctness
+from .summary import NUMERIC_COLUMNS, Replicate, Summary, build_summary
+from .records import Correctness, load_correctness
 from .table import write_comparisons, write_csv, write_markdown, write_summary_json
 
 
@@ -41,13 +41,28 @@ def objectives(p: Params) -> dict[str, str]:
     return {name: spec.objective or name for name, spec in p.method.items()}
 
 
+def _correctness(models: list[ModelMetrics], record_dir: Path | None) -> dict[str, Correctness]:
+    if record_dir is None:
+        return {}
+    return load_correctness([m.name for m in models], record_dir, {m.name: m.acc for m in models},
+                            {m.name: m.cascade for m in models})
+
+
+def _replicate(p: Params, seed: int, inputs: AggregateInputs) -> Replicate:
+    """Replicate `seed`'s metrics from the seed<k> folders its *_rep stages write."""
+    sub = f"seed{seed}"
+    models = collect_metrics(p.evaluate.models, objectives(p), inputs.eval_dir / sub, None,
+                             None if inputs.corruption_dir is None else inputs.corruption_dir / sub)
+    return Replicate(seed, models, _correctness(models, None if inputs.record_dir is None else inputs.record_dir / sub))
+
+
 def run_aggregate(p: Params, inputs: AggregateInputs, outputs: AggregateOutputs) -> Summary:
     models = collect_metrics(p.evaluate.models, objectives(p), inputs.eval_dir, inputs.train_dir,
                              inputs.corruption_dir)
-    correctness = ({} if inputs.record_dir is None else
-                   load_correctness([m.name for m in models], inputs.record_dir,
-                                    {m.name: m.acc for m in models}, {m.name: m.cascade for m in models}))
-    summary = build_summary(models, p.aggregate, dataset=p.data.dataset, arch=p.model.arch, correctness=correctness)
+    correctness = _correctness(models, inputs.record_dir)
+    replicates = [_replicate(p, seed, inputs) for seed in p.replicates]
+    summary = build_summary(models, p.aggregate, dataset=p.data.dataset, arch=p.model.arch, correctness=correctness,
+                            replicates=replicates, seed=p.seed)
     write_csv(summary, outputs.table_csv)
     if outputs.comparisons_csv is not None and outputs.comparisons_md is not None:
         write_comparisons(summary.comparisons, outputs.comparisons_csv, outputs.comparisons_md)
@@ -79,3 +94,5 @@ def _log_mlflow(p: Params, s: Summary, outputs: AggregateOutputs) -> None:
                 child.log_metrics({c: row[c] for c in NUMERIC_COLUMNS if row[c] is not None})
                 child.log_metrics({f"{c}_{b}": v for c, bounds in row["ci"].items()   # 95 % bounds
                                    for b, v in zip(("lo", "hi"), bounds, strict=True)})
+                child.log_metrics({f"{c}_seed_{k}": v for c, ms in s.seed_stats.get(row["model"], {}).items()
+                                   for k, v in zip(("mean", "std"), ms, strict=True)})

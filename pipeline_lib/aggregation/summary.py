@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,9 @@ class Summary:
     context: dict[str, Any]                    # dataset, arch, eps, n_eval, pgd_steps: what the numbers mean
     notes: list[str] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)   # paired, vs aggregate.compare_to
+    seeds: list[int] = field(default_factory=list)                # training seeds behind seed_stats (>= 2)
+    # model -> column -> (mean, sample std) over the training seeds; empty with one seed
+    seed_stats: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def pgd_label(self) -> str:
         steps = self.context.get("pgd_steps")
@@ -177,10 +182,61 @@ def _intervals(models: Sequence[ModelMetrics], rows: Mapping[str, dict[str, Any]
         rows[n]["ci"]["ardist"] = bounds
 
 
+@dataclass(frozen=True)
+class Replicate:
+    """One extra training seed's models: their metrics and per-example correctness (may be empty)."""
+
+    seed: int
+    models: list[ModelMetrics]
+    correctness: dict[str, Correctness] = field(default_factory=dict)
+
+
+SEED_COLUMNS: tuple[str, ...] = (*EVAL_KEYS, "robust", "ardist", "corruption")
+
+
+def _seed_rows(models: Sequence[ModelMetrics], ap: AggregateParams, metric: str | None) -> dict[str, dict[str, Any]]:
+    """One seed's rows: accuracies, the robust metric and ARDist against that seed's own reference frontier."""
+    rows = {mm.name: _model_row(mm, metric if metric in mm.acc else None) for mm in models}
+    pts = own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
+                     {n: r["robust"] for n, r in rows.items()}) if ap.reference == "own" else \
+        published_points(ap.published_table, ap.reference_models, ap.published_sources)
+    curve = fit_frontier([p.standard for p in pts], [p.robust for p in pts]) if pts else None
+    for r in rows.values():
+        r["ardist"] = signed_distance(curve, r["clean"], r["robust"]) if curve and r["robust"] is not None else None
+    return rows
+
+
+def _seed_stats(first: Mapping[str, Mapping[str, Any]], replicates: Sequence[Replicate], ap: AggregateParams,
+                metric: str | None) -> dict[str, dict[str, tuple[float, float]]]:
+    """model -> column -> (mean, sample std) over the first seed's rows and every replicate that has the model."""
+    per_seed = [first] + [_seed_rows(r.models, ap, metric) for r in replicates]
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for name in first:
+        for col in SEED_COLUMNS:
+            vals = [rows[name][col] for rows in per_seed if name in rows and rows[name][col] is not None]
+            if len(vals) >= 2:
+                out.setdefault(name, {})[col] = (float(np.mean(vals)), float(np.std(vals, ddof=1)))
+    return out
+
+
+def _stack_seeds(first: Mapping[str, Correctness], replicates: Sequence[Replicate]) -> dict[str, Correctness]:
+    """Per-example correctness as (N, R) over the seeds that have the model's record (stratified comparisons);
+    a model/metric missing in some seed keeps only the first seed's (N,) column."""
+    out: dict[str, Correctness] = {}
+    for name, cols in first.items():
+        out[name] = {}
+        for k, v in cols.items():
+            more = [r.correctness[name][k] for r in replicates if k in r.correctness.get(name, {})]
+            out[name][k] = np.stack([v, *more], axis=1) if len(more) == len(replicates) and more else v
+    return out
+
+
 def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: str | None = None,
-                  arch: str | None = None, correctness: Mapping[str, Correctness] | None = None) -> Summary:
+                  arch: str | None = None, correctness: Mapping[str, Correctness] | None = None,
+                  replicates: Sequence[Replicate] = (), seed: int = 0) -> Summary:
     """Rows with NRR, ARDist and 95 % intervals, the reference frontier, sweep gaps and (given the
-    per-example `correctness` of the models) the paired comparisons, for `models` under params `ap`."""
+    per-example `correctness` of the models) the paired comparisons, for `models` under params `ap`.
+    With `replicates` (training seeds other than `seed`): mean ± std over seeds, comparisons stratified by seed."""
     notes: list[str] = []
     choice = choose_robust_metric(models, ap.robust_order)
     distinct = set(choice.values())
@@ -215,7 +271,9 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
     correctness = correctness or {}
     _intervals(models, rows, ap, points, curve, correctness)
     robust_cols = [run_metric] if run_metric is not None else []
-    comparisons = compare_models(correctness, [mm.name for mm in models], ap.compare_to, ["clean", *robust_cols])
+    stacked = _stack_seeds(correctness, replicates) if replicates else correctness
+    comparisons = compare_models(stacked, [mm.name for mm in models], ap.compare_to, ["clean", *robust_cols])
+    seed_stats = _seed_stats(rows, replicates, ap, run_metric) if replicates else {}
     sweeps = _fit_sweeps(models, rows, curve, ap.curve)
     for note in notes:
         log.warning("%s", note)
@@ -223,7 +281,8 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
                for mm in models]
     return Summary(rows=ordered, robust_metric=run_metric, reference_mode=ap.reference, reference_points=points,
                    curve=curve, curve_error=curve_error, sweeps=sweeps, context=_context(models, dataset, arch),
-                   notes=notes, comparisons=comparisons)
+                   notes=notes, comparisons=comparisons,
+                   seeds=[seed, *(r.seed for r in replicates)] if replicates else [], seed_stats=seed_stats)
 
 
 def summary_metrics(s: Summary) -> dict[str, Any]:

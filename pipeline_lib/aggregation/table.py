@@ -121,6 +121,11 @@ def markdown(s: Summary) -> str:
     else:
         lines.append(f"- **ARDist**: {s.curve_error}")
     lines.append("- (ref) marks the reference models the frontier is built from.")
+    if s.seed_stats:
+        lines += ["", f"## Training seeds: mean ± std over {len(s.seeds)} seeds ({', '.join(map(str, s.seeds))})", "",
+                  "Each seed retrains pretraining and every method; the table above is seed "
+                  f"{s.seeds[0]}'s. The std is the spread between trainings; the ± above is the test-set "
+                  "sampling of one model. Paired comparisons below are stratified by seed.", "", _seed_table(s)]
     if s.comparisons:
         lines += ["", "## Paired comparisons", "", comparisons_markdown(s.comparisons)]
 
@@ -143,6 +148,17 @@ def markdown(s: Summary) -> str:
     if s.notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in s.notes)]
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(s: Summary) -> str:
+    cols = [c for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "ardist", "corruption")
+            if any(c in st for st in s.seed_stats.values())]
+    labels = {"clean": "Clean", "fgsm": "FGSM", "pgd": s.pgd_label(), "cw": "CW", "autoattack": "AutoAttack",
+              "worst_case": "Worst case", "ardist": "ARDist", "corruption": "Corruption (mean)"}
+    body = [[r["model"], *(f"{st[c][0]:.1f} ± {st[c][1]:.1f}" if c in st else BLANK for c in cols)]
+            for r in s.rows if (st := s.seed_stats.get(r["model"], {})) is not None]
+    return pd.DataFrame(body, columns=["Model", *(labels[c] for c in cols)]).to_markdown(
+        index=False, disable_numparse=True)
 
 
 def comparisons_frame(comparisons: list[Comparison]) -> pd.DataFrame:
