@@ -213,6 +213,9 @@ class MlflowParams(StrictModel):
 
 class Params(StrictModel):
     seed: int = 0
+    # Extra training seeds: each replicates pretraining, every finetune, evaluation and corruption
+    # (dvc.yaml's *_rep stages, outputs under seed<k>/); the aggregate adds mean ± std over all seeds.
+    replicates: list[int] = Field(default_factory=list)
     runtime: RuntimeParams = RuntimeParams()
     data: DataParams
     model: ModelParams
@@ -256,6 +259,10 @@ class Params(StrictModel):
         if self.evaluate.n_eval > test_size:
             raise ValueError(f"evaluate.n_eval={self.evaluate.n_eval} exceeds the {test_size} test images "
                              f"of {self.data.dataset}")
+        if len(set(self.replicates)) != len(self.replicates) or self.seed in self.replicates \
+                or any(r < 0 for r in self.replicates):
+            raise ValueError(f"replicates={self.replicates} must be distinct non-negative seeds other than "
+                             f"seed={self.seed}")
         trained = ["standard", *self.finetune.methods]
         check_names(self.external, trained)
         for name in self.evaluate.models:

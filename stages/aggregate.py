@@ -17,24 +17,30 @@ def aggregate(
     eval_dir: Path = typer.Option(..., help="folder of evaluate-stage metrics, <model>.json"),
     train_dir: Path | None = typer.Option(None, help="folder of training metrics, <model>.json (train time)"),
     corruption_dir: Path | None = typer.Option(None, help="folder of corruption metrics, <model>.json; blanks if absent"),
+    record_dir: Path | None = typer.Option(None, help="folder of per-example records, <model>_record.csv: paired "
+                                                      "comparisons and ARDist intervals"),
     table: Path = typer.Option(..., help="comparison table CSV to write (also DVC plot data)"),
     markdown: Path = typer.Option(..., help="comparison table Markdown to write"),
     summary: Path = typer.Option(..., help="summary metrics JSON to write (DVC metrics, gate input)"),
     plot: Path = typer.Option(..., help="accuracy-robustness tradeoff PNG to write"),
+    comparisons_csv: Path | None = typer.Option(None, help="paired comparisons CSV to write (needs --record-dir)"),
+    comparisons_md: Path | None = typer.Option(None, help="paired comparisons Markdown to write"),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Compare every evaluated model: NRR, ARDist, sweep mean gaps, table, tradeoff plot, MLflow runs."""
+    """Compare every evaluated model: NRR, ARDist, intervals, paired comparisons, table, tradeoff plot, MLflow."""
     from pipeline_lib.aggregation.job import AggregateInputs, AggregateOutputs, run_aggregate
     from pipeline_lib.aggregation.metrics_io import MetricsError
     from pipeline_lib.aggregation.references import published_points
 
     p = load_or_exit(params)
-    check_writable(table, markdown, summary, plot)
+    if (comparisons_csv is None) != (comparisons_md is None):
+        raise fail("give both --comparisons-csv and --comparisons-md, or neither")
+    check_writable(table, markdown, summary, plot, *(f for f in (comparisons_csv, comparisons_md) if f is not None))
     try:
         if p.aggregate.reference == "published":   # a broken shipped table should fail before any work
             published_points(p.aggregate.published_table, p.aggregate.reference_models, p.aggregate.published_sources)
-        s = run_aggregate(p, AggregateInputs(eval_dir, train_dir, corruption_dir),
-                          AggregateOutputs(table, markdown, summary, plot))
+        s = run_aggregate(p, AggregateInputs(eval_dir, train_dir, corruption_dir, record_dir),
+                          AggregateOutputs(table, markdown, summary, plot, comparisons_csv, comparisons_md))
     except (MetricsError, ValueError) as exc:
         raise fail(str(exc)) from None
     for row in s.rows:
@@ -50,24 +56,34 @@ def gate(
     show_all: bool = typer.Option(False, "--all", help="list unchanged metrics too"),
     update: bool = typer.Option(False, "--update", help="write the current metrics as the new baseline"),
     profile: str | None = typer.Option(None, help="profile name recorded in the baseline on --update"),
+    records: Path | None = typer.Option(None, help="the current run's per-example records (<model>_record.csv, "
+                                                   "e.g. metrics/eval_detail): accuracies are gated paired against "
+                                                   "the baseline's examples; with --update, stored in the baseline"),
 ) -> None:
-    """Fail (exit 1) when a metric regressed beyond its tolerance or disappeared; exit 2 on bad input."""
-    from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, failed, load_metrics, render,
-                                               write_baseline)
+    """Fail (exit 1) when a metric regressed (paired and significant, or beyond its tolerance) or disappeared;
+    exit 2 on bad input."""
+    from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, current_examples, failed,
+                                               load_metrics, render, write_baseline)
 
     p = load_or_exit(params)
     out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs are not terminals: do not wrap at 80
     try:
         cur = load_metrics(current)
+        if records is not None:
+            cur["examples"] = current_examples(cur, records)
         if update:
             check_writable(baseline)
-            write_baseline(cur, baseline, profile, current)
-            out.print(f"wrote baseline {baseline} from {current}")
+            write_baseline(cur, baseline, profile, current, cur["examples"])
+            out.print(f"wrote baseline {baseline} from {current}" +
+                      (f" with the per-example records of {records}" if records is not None else ""))
             return
         base = load_metrics(baseline)
         check_context(base, cur)
     except GateInputError as exc:
         raise fail(str(exc)) from None
+    if not base["examples"] or records is None:
+        out.print("[yellow]no per-example records on " + ("the baseline" if not base["examples"] else "this run") +
+                  " side: accuracies are gated by the fixed tolerances of aggregate.gate[/]")
     rows = compare(base, cur, p.aggregate.gate)
     table = render(rows, show_all)
     out.print(table if table.row_count else "no metric moved")
@@ -75,7 +91,8 @@ def gate(
     out.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (of {len(rows)} metrics)")
     if counts["improved"]:
         out.print(f"[cyan]improvements beyond tolerance: if intended, refresh the baseline with[/] "
-                  f"arpipe gate --update --baseline {baseline} --current {current}")
+                  f"arpipe gate --update --baseline {baseline} --current {current}"
+                  + (f" --records {records}" if records is not None else ""))
     if failed(rows):
         out.print("[bold red]gate FAILED[/]: metrics regressed or disappeared (see table)")
         raise typer.Exit(1)

@@ -14,6 +14,12 @@ from .common import ALLOW_NAME_MISMATCH, PARAMS_OPTION, console, fail, load_or_e
 STATE_DIR = Path("cache/eval_state")  # resumable state, outside DVC's outputs so a rerun can resume
 
 
+def state_name(name: str, metrics: Path) -> str:
+    """The resume-state folder's name: the model's, plus its replicate's seed<k> folder when it has one."""
+    parent = metrics.parent.name
+    return f"{parent}-{name}" if parent.startswith("seed") and parent[4:].isdigit() else name
+
+
 def evaluate(
     name: str = typer.Argument(..., help="model name: 'standard', a finetune instance or an external (imported) model"),
     model: Path = typer.Option(..., help="model checkpoint to evaluate"),
@@ -30,7 +36,7 @@ def evaluate(
     p = load_or_exit(params)
     if not model.exists():
         raise fail(f"model checkpoint {model} does not exist")
-    out = EvalOutputs(metrics, record, log, plot, STATE_DIR / name)
+    out = EvalOutputs(metrics, record, log, plot, STATE_DIR / state_name(name, metrics))
     check_writable(metrics, record, log, plot, out.state_dir / "state.pt")
     result = run_evaluation(p, name, model, out, allow_name_mismatch=allow_name_mismatch)
     console.print(f"evaluate@{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.endswith("_acc"))

@@ -54,20 +54,33 @@ def interrupt_hint(stage: str, out: Path, state: Path, tracked: tuple[Path, ...]
         raise typer.Exit(130) from None
 
 
+SEED_OPTION = typer.Option(None, help="training seed instead of params' `seed` (a replicate; see `replicates`)")
+
+
+def with_seed(p: Params, seed: int | None) -> tuple[Params, str]:
+    """Params with `seed` replaced (when given) and the suffix that keeps the replicate's resume state apart."""
+    if seed is None:
+        return p, ""
+    if seed < 0:
+        raise fail(f"--seed {seed}: a training seed must be >= 0")
+    return p.model_copy(update={"seed": seed}), f"-seed{seed}"
+
+
 def pretrain(
     out: Path = typer.Option(..., help="model checkpoint to write"),
     metrics: Path = typer.Option(..., help="final metrics JSON"),
     history: Path = typer.Option(..., help="per-epoch metrics CSV"),
+    seed: int | None = SEED_OPTION,
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Standard training of the base model every method starts from."""
     from pipeline_lib.training import TrainOutputs, pretrain_job, run_training
 
-    p = load_or_exit(params)
-    outputs = TrainOutputs(out, metrics, history, STATE_DIR / "pretrain.pt")
+    p, tag = with_seed(load_or_exit(params), seed)
+    outputs = TrainOutputs(out, metrics, history, STATE_DIR / f"pretrain{tag}.pt")
     check_writable(*astuple(outputs))
-    relaunch_if_asked(p, "pretrain")
-    with interrupt_hint("pretrain", out, outputs.state, (metrics, history)):
+    relaunch_if_asked(p, f"pretrain{tag}")
+    with interrupt_hint(f"pretrain_rep@{seed}" if tag else "pretrain", out, outputs.state, (metrics, history)):
         result = run_training(p, pretrain_job(p), outputs)
     if distributed.is_main_process():
         console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
@@ -79,22 +92,24 @@ def finetune(
     out: Path = typer.Option(..., help="model checkpoint to write"),
     metrics: Path = typer.Option(..., help="final metrics JSON"),
     history: Path = typer.Option(..., help="per-epoch metrics CSV"),
+    seed: int | None = SEED_OPTION,
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train one method instance (from the pretrained model or from scratch, as its params say)."""
     from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained, run_training
 
-    p = load_or_exit(params)
+    p, tag = with_seed(load_or_exit(params), seed)
     if method not in p.method:
         raise fail(f"unknown method {method!r}; params define: {', '.join(sorted(p.method))}")
     job = finetune_job(p, method)
     if needs_pretrained(job) and not pretrained.exists():
         raise fail(f"finetune@{method} starts from or distils the pretrained model, but {pretrained} does not "
                    "exist; run `dvc repro pretrain` (or `arpipe pretrain`) first")
-    outputs = TrainOutputs(out, metrics, history, STATE_DIR / f"finetune-{method}.pt")
+    outputs = TrainOutputs(out, metrics, history, STATE_DIR / f"finetune-{method}{tag}.pt")
     check_writable(*astuple(outputs))
-    relaunch_if_asked(p, f"finetune@{method}")
-    with interrupt_hint(f"finetune@{method}", out, outputs.state, (metrics, history)):
+    relaunch_if_asked(p, f"finetune@{method}{tag}")
+    with interrupt_hint(f"finetune_rep@{seed}-{method}" if tag else f"finetune@{method}", out, outputs.state,
+                        (metrics, history)):
         result = run_training(p, job, outputs, pretrained=pretrained)
     if distributed.is_main_process():
         console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")

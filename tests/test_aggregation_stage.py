@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -106,8 +107,9 @@ def test_autoattack_is_used_when_every_model_has_it(workdir: Path) -> None:
     assert (table["robust_metric"] == "autoattack").all() and list(table["robust"]) == pytest.approx([10.0] * 3)
 
 
-def test_too_few_reference_points_leave_ardist_blank_and_say_why(workdir: Path) -> None:
-    result, out = run_aggregate(workdir, write_params(workdir, reference_models=["standard"]))
+def test_no_reference_point_leaves_ardist_blank_and_says_why(workdir: Path) -> None:
+    # mart is not among the evaluated models: the frontier has no point (one point would be enough).
+    result, out = run_aggregate(workdir, write_params(workdir, reference_models=["mart"]))
     assert result.exit_code == 0, result.output
     assert pd.read_csv(out / "summary.csv")["ardist"].isna().all()
     assert "ARDist not computed" in (out / "summary.md").read_text()
@@ -198,3 +200,78 @@ def test_no_mce_without_the_standard_models_table(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert pd.read_csv(out / "summary.csv")["mce_std"].isna().all()
     assert "no mCE vs standard" in (out / "summary.md").read_text()
+
+
+def _write_records(d: Path, evals: dict[str, dict[str, float]] = EVAL) -> None:
+    """Per-example records in d agreeing with `evals` on 500 examples: the first k_clean right on clean images,
+    of those the first k_attack survive each attack (pgd_at_b's examples shifted so pairs disagree)."""
+    d.mkdir(parents=True)
+    for name, metrics in evals.items():
+        attacks = [k.removesuffix("_acc") for k in metrics if k != "clean_acc"]
+        shift = 37 if name == "pgd_at_b" else 0
+        lines = ["index,label,clean_pred,clean_correct," + ",".join(attacks) + ",robust"]
+        for i in range(500):
+            j = (i + shift) % 500
+            clean = j < round(500 * metrics["clean_acc"])
+            cells = ["0" if j < round(500 * metrics[f"{a}_acc"]) else "1" if clean else "" for a in attacks]
+            lines.append(f"{i},0,{0 if clean else 1},{int(clean)}," + ",".join(cells) + f",{int('1' not in cells and clean)}")
+        (d / f"{name}_record.csv").write_text("\n".join(lines) + "\n")
+
+
+def _aggregate_with_records(workdir: Path, params: Path):
+    out = workdir / "out"
+    result = runner.invoke(app, [
+        "aggregate", "--eval-dir", str(workdir / "eval"), "--record-dir", str(workdir / "records"),
+        "--table", str(out / "summary.csv"), "--markdown", str(out / "summary.md"),
+        "--summary", str(out / "summary.json"), "--plot", str(out / "tradeoff.png"),
+        "--comparisons-csv", str(out / "comparisons.csv"), "--comparisons-md", str(out / "comparisons.md"),
+        "--params", str(params)])
+    return result, out
+
+
+def test_records_give_intervals_and_paired_comparisons(workdir: Path) -> None:
+    _write_records(workdir / "records")
+    result, out = _aggregate_with_records(workdir, write_params(workdir))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "summary.csv").set_index("model")
+    wilson = binomtest(400, 500).proportion_ci(method="wilson")                # pgd_at: 400 of 500 clean
+    bounds = (100 * wilson.low, 100 * wilson.high)
+    assert (table.loc["pgd_at", "clean_lo"], table.loc["pgd_at", "clean_hi"]) == pytest.approx(bounds, abs=1e-4)
+    assert table.loc["pgd_at_b", "ardist_lo"] < table.loc["pgd_at_b", "ardist"] < table.loc["pgd_at_b", "ardist_hi"]
+    assert table.loc["standard", "ardist_hi"] <= 1e-9                        # a reference never beyond its frontier
+    comp = pd.read_csv(out / "comparisons.csv")
+    assert set(zip(comp["model"], comp["metric"])) == {("standard", "clean"), ("standard", "pgd"),
+                                                      ("pgd_at_b", "clean"), ("pgd_at_b", "pgd")}
+    row = comp.set_index(["model", "metric"]).loc[("standard", "pgd")]
+    # pgd_at survives PGD on examples 0..199, standard on none: 200 discordant pairs, all for pgd_at
+    assert (row["model_only"], row["baseline_only"], row["diff"]) == (0, 200, pytest.approx(-40.0))
+    assert row["p_holm"] < 1e-10 and bool(row["significant"])
+    md = (out / "summary.md").read_text()
+    assert "80.0 ±3.5" in md and "Paired comparisons" in md and "▼" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ci95"]["pgd_at"]["clean"] == {"lo": pytest.approx(bounds[0], abs=1e-4),
+                                                  "hi": pytest.approx(bounds[1], abs=1e-4)}
+    assert "clean_lo" not in summary["models"]["pgd_at"]                     # bounds stay out of the gated metrics
+
+
+def test_replicate_seeds_give_mean_std_and_stratified_comparisons(workdir: Path) -> None:
+    _write_records(workdir / "records")
+    seed1 = {**EVAL, "pgd_at": {**EVAL["pgd_at"], "clean_acc": 0.84}}     # pgd_at's clean 80 / 84 over seeds
+    (workdir / "eval" / "seed1").mkdir()
+    for name, metrics in seed1.items():
+        (workdir / "eval" / "seed1" / f"{name}.json").write_text(
+            json.dumps({**metrics, "pgd_steps": 20, "n_eval": 500, "eps": 0.1}))
+    _write_records(workdir / "records" / "seed1", seed1)
+    params = write_params(workdir)
+    raw = yaml.safe_load(params.read_text())
+    raw["replicates"] = [1]
+    params.write_text(yaml.safe_dump(raw))
+    result, out = _aggregate_with_records(workdir, params)
+    assert result.exit_code == 0, result.output
+    md = (out / "summary.md").read_text()
+    assert "mean ± std over 2 seeds (0, 1)" in md
+    assert f"82.0 ± {math.sqrt(8):.1f}" in md                              # mean and sample std of 80, 84
+    comp = pd.read_csv(out / "comparisons.csv").set_index(["model", "metric"])
+    # stratified: 500 examples x 2 seeds; standard's clean 90 vs pgd_at's 80 and 84 -> +8 points on average
+    assert comp.loc[("standard", "clean"), "n"] == 1000
+    assert comp.loc[("standard", "clean"), "diff"] == pytest.approx(8.0)

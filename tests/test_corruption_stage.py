@@ -152,7 +152,8 @@ def test_only_the_corruption_stages_read_corruption_params() -> None:
 
     stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
     readers = {name for name, st in stages.items() for key in st.get("params", []) if str(key).startswith("corruption")}
-    assert readers == {"corrupt", "corruption"}
+    assert readers == {"corrupt", "corruption", "corruption_rep"}   # corruption_rep: the same per extra seed
     assert all(str(k).startswith(("data.dataset", "corruption.")) for k in stages["corrupt"]["params"])
-    assert set(stages["corruption"]["params"]) == {"data.dataset", "corruption.batch_size"}
-    assert "data/corrupted/${data.dataset}" in stages["corruption"]["deps"]
+    for name in ("corruption", "corruption_rep"):
+        assert set(stages[name]["params"]) == {"data.dataset", "corruption.batch_size"}
+        assert "data/corrupted/${data.dataset}" in stages[name]["deps"]

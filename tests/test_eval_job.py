@@ -62,8 +62,11 @@ def test_the_stage_writes_metrics_record_log_and_plot(setup: tuple[Params, Path]
 
     metrics: dict[str, Any] = json.loads(out.metrics.read_text())
     assert set(metrics) == ACC_KEYS | {"pgd_acc_eps_0.1", "pgd_steps", "n_eval", "eps", "cascade", "eval_time_s",
-                                       "time_s", "flags", "warnings", "autoattack_after"}
+                                       "time_s", "flags", "warnings", "autoattack_after", "ci95"}
     assert all(0.0 <= metrics[k] <= 1.0 for k in ACC_KEYS)
+    # every accuracy's Wilson 95 % bounds bracket it (k of 32 examples)
+    assert set(metrics["ci95"]) == {k for k in metrics if k.endswith("_acc") or "_acc_" in k}
+    assert all(b["lo"] <= metrics[k] <= b["hi"] and b["hi"] - b["lo"] > 0.1 for k, b in metrics["ci95"].items())
     assert metrics["clean_acc"] > 0.25, "the fitted model is worth attacking (chance is 0.1)"
     assert metrics["worst_case_acc"] <= min(metrics[k] for k in ACC_KEYS - {"worst_case_acc"})
     assert (metrics["n_eval"], metrics["eps"], metrics["pgd_steps"]) == (32, 0.05, 5)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -188,3 +189,129 @@ def test_committed_ci_baseline_matches_the_ci_profile() -> None:
     assert doc["context"]["n_eval"] == p.evaluate.n_eval
     assert doc["context"]["pgd_steps"] == p.evaluate.pgd.steps
     assert doc["context"]["eps"] == p.threat.eps and doc["context"]["dataset"] == p.data.dataset
+
+
+# ---- paired gating against the baseline's own per-example record --------------------------------------------
+
+def _write_run(d: Path, correct: dict[str, tuple[Any, Any]]) -> Path:
+    """A run's records (<model>_record.csv) and summary JSON from {model: ((N,) clean, (N,) autoattack)} bools."""
+    import numpy as np
+    (d / "records").mkdir(parents=True)
+    models = {}
+    for m, (clean, aa) in correct.items():
+        aa = aa & clean
+        lines = ["index,label,clean_pred,clean_correct,autoattack/apgd-ce,robust"]
+        lines += [f"{i},0,{0 if c else 1},{int(c)},{('0' if a else '1') if c else ''},{int(a)}"
+                  for i, (c, a) in enumerate(zip(clean, aa, strict=True))]
+        (d / "records" / f"{m}_record.csv").write_text("\n".join(lines) + "\n")
+        acc, rob = 100 * float(np.mean(clean)), 100 * float(np.mean(aa))
+        models[m] = {"clean": acc, "autoattack": rob, "worst_case": rob, "robust": rob}
+    summary = d / "summary.json"
+    summary.write_text(json.dumps({"models": models, "sweeps": {}, "context": {
+        "dataset": "fashion_mnist", "n_eval": len(clean), "robust_metric": "autoattack", "cascade": False}}))
+    return summary
+
+
+def _run(seed: int, n: int = 100) -> dict[str, tuple[Any, Any]]:
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return {"standard": (rng.random(n) < 0.85, np.zeros(n, dtype=bool)),
+            "pgd_at": (rng.random(n) < 0.75, rng.random(n) < 0.7)}
+
+
+def _reseeded(run: dict[str, tuple[Any, Any]], flips: int, seed: int, up: int | None = None) -> dict[str, tuple[Any, Any]]:
+    """Per column `flips` examples right->wrong and `up` (default as many) wrong->right: what a re-seeded
+    run of unchanged code looks like on a fixed test set (many examples change, the accuracy barely)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m, cols in run.items():
+        new = []
+        for v in cols:
+            v = v.copy()
+            right, wrong = np.flatnonzero(v), np.flatnonzero(~v)
+            k = min(flips, right.size, wrong.size)
+            v[rng.choice(right, k, replace=False)] = False
+            v[rng.choice(wrong, min(k if up is None else up, wrong.size), replace=False)] = True
+            new.append(v)
+        out[m] = (new[0], new[1])
+    return out
+
+
+@pytest.fixture
+def paired(tmp_path: Path) -> dict[str, Path]:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    base_summary = _write_run(tmp_path / "base", _run(0))
+    baseline = tmp_path / "baseline.json"
+    result = runner.invoke(app, ["gate", "--update", "--profile", "ci", "--baseline", str(baseline), "--current",
+                                 str(base_summary), "--records", str(tmp_path / "base" / "records"),
+                                 "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    return {"params": params, "baseline": baseline, "root": tmp_path}
+
+
+def _gate_on(paired: dict[str, Path], run: dict[str, tuple[Any, Any]], name: str, *extra: str):
+    summary = _write_run(paired["root"] / name, run)
+    return runner.invoke(app, ["gate", "--baseline", str(paired["baseline"]), "--current", str(summary),
+                               "--records", str(paired["root"] / name / "records"), "--params",
+                               str(paired["params"]), "--all", *extra])
+
+
+def test_baseline_stores_per_example_bits(paired) -> None:
+    doc = json.loads(paired["baseline"].read_text())
+    import numpy as np
+    from pipeline_lib.aggregation.gate import decode_bits
+    enc = doc["examples"]["pgd_at"]["clean"]
+    assert enc["n"] == 100 and np.array_equal(decode_bits(enc["bits"], 100), _run(0)["pgd_at"][0])
+    assert set(doc["examples"]["pgd_at"]) == {"clean", "autoattack", "worst_case", "robust"}
+
+
+def test_reseeded_unchanged_run_passes_although_accuracies_move(paired) -> None:
+    # 8 examples flip each way per column: accuracies equal, yet 16 % of examples changed. Then a noisy
+    # 6-point drop (14 down, 8 up): the old fixed 5-point tolerance called that a regression.
+    for i, run in enumerate([_reseeded(_run(0), 8, 1), _reseeded(_run(0), 14, 2, up=8)]):
+        result = _gate_on(paired, run, f"reseeded{i}")
+        assert result.exit_code == 0, result.output
+        assert "paired CI" in result.output and "REGRESSED" not in result.output
+    cur = json.loads((paired["root"] / "reseeded1" / "summary.json").read_text())["models"]["pgd_at"]["clean"]
+    base = json.loads(paired["baseline"].read_text())["models"]["pgd_at"]["clean"]
+    assert base - cur == pytest.approx(6.0)
+
+
+def test_planted_regression_fails_the_paired_gate(paired) -> None:
+    run = _run(0)
+    clean, aa = run["pgd_at"]
+    aa = aa & clean
+    weaker = aa.copy()
+    weaker[np.flatnonzero(aa)[:20]] = False           # 20 of 100 examples now broken by the attack
+    run["pgd_at"] = (clean, weaker)
+    result = _gate_on(paired, run, "regressed")
+    assert result.exit_code == 1, result.output
+    regressed = [line for line in result.output.splitlines() if "REGRESSED" in line]
+    assert regressed and all("paired CI" in line for line in regressed)
+    assert any("autoattack" in line for line in regressed)
+
+
+def test_a_significant_drop_below_the_minimum_effect_passes(paired) -> None:
+    raw = yaml.safe_load(paired["params"].read_text())
+    raw["aggregate"]["gate"] = {**raw["aggregate"]["gate"], "min_effect": 25.0}
+    paired["params"].write_text(yaml.safe_dump(raw))
+    run = _run(0)
+    clean, aa = run["pgd_at"]
+    weaker = (aa & clean).copy()
+    weaker[np.flatnonzero(weaker)[:20]] = False
+    run["pgd_at"] = (clean, weaker)
+    assert _gate_on(paired, run, "small").exit_code == 0
+
+
+def test_a_record_that_disagrees_with_the_summary_is_bad_input(paired) -> None:
+    summary = _write_run(paired["root"] / "bad", _run(0))
+    doc = json.loads(summary.read_text())
+    doc["models"]["pgd_at"]["clean"] += 3.0
+    summary.write_text(json.dumps(doc))
+    result = runner.invoke(app, ["gate", "--baseline", str(paired["baseline"]), "--current", str(summary),
+                                 "--records", str(paired["root"] / "bad" / "records"), "--params",
+                                 str(paired["params"])])
+    assert result.exit_code == 2 and "another run" in result.output

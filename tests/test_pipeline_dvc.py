@@ -241,3 +241,35 @@ def test_editing_a_method_module_retrains_finetunes_but_not_pretraining(repo: Re
         assert "pretrain" not in changed
     finally:
         module.write_text(original)
+
+
+def test_replicate_seeds_are_a_matrix_dimension_and_absent_by_default(tmp_path: Path) -> None:
+    """Planned only (`dvc stage list`, `dvc repro --dry`): no stage runs. One seed keeps today's stage
+    names; `replicates: [1, 2]` adds *_rep stages per seed whose names and paths carry the seed."""
+    r = Repo(tmp_path / "repo", tmp_path / "mlflow.db")
+    r.root.mkdir()
+    r.run("git", "init", "-q")
+    r.dvc("init", "-q")
+    for name in PROJECT_FILES:
+        src = REPO / name
+        (shutil.copytree(src, r.root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+         if src.is_dir() else shutil.copy2(src, r.root / name))
+    r.run("arpipe", "profile", "ci")
+    default = r.stages()
+    assert "pretrain" in default and not any("_rep" in s for s in default)
+
+    r.run("arpipe", "profile", "ci", "replicates")
+    p = r.params()
+    assert p["replicates"] == [1, 2]
+    stages = r.stages()
+    assert default <= stages
+    expected = {f"pretrain_rep@{s}" for s in (1, 2)} \
+        | {f"finetune_rep@{s}-{m}" for s in (1, 2) for m in p["finetune"]["methods"]} \
+        | {f"{kind}_rep@{s}-{m}" for kind in ("evaluate", "corruption") for s in (1, 2) for m in p["evaluate"]["models"]}
+    assert stages - default == expected
+    # The stages' commands as DVC resolves them (`repro --dry` stops at the first missing model file).
+    planned = r.run(sys.executable, "-c", "from dvc.repo import Repo\n"
+                    "for s in Repo('.').index.stages: print(s.addressing, s.cmd)")
+    assert "arpipe pretrain --seed 2 --out models/seed2/standard.pt" in planned
+    assert "arpipe finetune pgd_at --seed 1 --pretrained models/seed1/standard.pt" in planned
+    assert "--metrics metrics/eval/seed1/pgd_at.json" in planned

@@ -49,8 +49,16 @@ class GateRule(StrictModel):
 
 
 class GateParams(StrictModel):
+    """Accuracies with a per-example record on both sides (metric_specs.PER_EXAMPLE_COLUMNS) are gated paired:
+    a regression is a drop larger than `min_effect` points whose paired bootstrap interval against the
+    baseline's own examples excludes zero, the interval's level Bonferroni-corrected over the paired checks
+    (1 - alpha / checks) so that `alpha` bounds the chance of any false alarm. The rules below gate the rest
+    (and everything when the baseline holds no per-example record)."""
+
     default: GateRule = GateRule(abs_tol=5.0)
     metrics: dict[str, GateRule] = Field(default_factory=dict)   # per-metric overrides of `default`
+    alpha: float = Field(default=0.05, gt=0, lt=1)               # family-wise false-alarm rate of the paired checks
+    min_effect: float = Field(default=2.0, ge=0)                 # points: smaller drops never fail
 
     @field_validator("metrics")
     @classmethod
@@ -80,7 +88,9 @@ class AggregateParams(StrictModel):
                                         min_length=1)
     published_table: str = "cifar10_wrn34_10"
     published_sources: list[str] | None = None
-    curve: CurveFamily = "auto"
+    curve: CurveFamily = "auto"   # the sweeps' fitted curves; the reference is always the Pareto frontier
+    # Paired comparisons (table `comparisons`): every other model against each of these, same test examples.
+    compare_to: list[str] = Field(default_factory=lambda: ["pgd_at"])
     gate: GateParams = GateParams()
 
     @field_validator("published_table")

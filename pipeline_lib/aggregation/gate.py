@@ -2,11 +2,18 @@
 
 Both sides are the aggregate stage's summary JSON
     {"models": {model: {metric: value}}, "sweeps": {objective: {"mean_gap": value}}, "context": {...}}
-(or, for the current side, the summary CSV). A baseline is just a copy of a
-summary from a trusted run of the same profile. Every (model, metric) present in
-the baseline is checked with the rule params give that metric (GateParams):
-moved the wrong way beyond tolerance -> regressed; absent now -> missing (both fail);
-moved the good way beyond tolerance -> improved (passes, hints to refresh the baseline).
+(or, for the current side, the summary CSV). A baseline is a copy of a summary from a
+trusted run of the same profile, plus (written with the run's records, `arpipe gate
+--update --records metrics/eval_detail`) every model's per-example correctness:
+    "examples": {model: {metric: {"n": N, "bits": hex}}}   bit i = example i right
+Accuracies with examples on both sides are gated paired, as the noise of a finite test set
+demands: regressed = dropped by more than gate.min_effect points AND the paired bootstrap
+interval of (current - baseline) over the same examples excludes zero, at level
+1 - alpha / (number of paired checks) (Bonferroni: alpha bounds the chance that an
+unchanged pipeline raises any alarm). Every other (model, metric) in the baseline is checked
+with the rule params give that metric (GateParams): moved the wrong way beyond tolerance ->
+regressed; absent now -> missing (both fail); moved the good way beyond tolerance (or
+significantly, for paired checks) -> improved (passes, hints to refresh the baseline).
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 from rich.table import Table
 
 from ..io import write_json
+from ..stats import paired_comparison
 from .config import GateParams
+from .metric_specs import BY_KEY
+from .metrics_io import MetricsError
+from .records import Correctness, load_correctness
 from .summary import NUMERIC_COLUMNS
 from ..errors import UserError
 
@@ -29,7 +42,8 @@ Status = Literal["ok", "improved", "regressed", "missing", "new", "ignored"]
 FAILING: frozenset[str] = frozenset({"regressed", "missing"})
 # Context keys that must agree: comparing a 100-image baseline with a 500-image run
 # (or PGD against AutoAttack numbers) would be a wrong-baseline error, not a regression.
-CONTEXT_KEYS = ("dataset", "arch", "eps", "n_eval", "pgd_steps", "robust_metric", "reference")
+CONTEXT_KEYS = ("dataset", "arch", "eps", "n_eval", "pgd_steps", "cascade", "robust_metric", "reference")
+GATE_BOOT = 20_000   # resamples: the Bonferroni-corrected tails (~0.2 % each) need many
 SWEEP_SUFFIX = " (sweep)"
 _EPS = 1e-9   # float slack so a move of exactly the tolerance passes
 _SHOWN = 5e-4  # smallest move listed without --all: what the table's 3 decimals can show
@@ -45,9 +59,10 @@ class GateRow:
     metric: str
     baseline: float | None
     current: float | None
-    allowed: float | None  # largest tolerated move against `direction`
+    allowed: float | None  # largest tolerated move against `direction` (paired: the minimum effect)
     direction: str
     status: Status
+    interval: tuple[float, float] | None = None   # paired: bootstrap interval of current - baseline, points
 
     @property
     def delta(self) -> float | None:
@@ -77,7 +92,7 @@ def load_metrics(path: Path) -> dict[str, Any]:
             raise GateInputError(f"{path}: a summary CSV needs a 'model' column; got {list(frame.columns)}")
         cols = [c for c in NUMERIC_COLUMNS if c in frame.columns]
         models = {str(r["model"]): {c: float(r[c]) for c in cols if pd.notna(r[c])} for _, r in frame.iterrows()}
-        return {"models": models, "sweeps": {}, "context": {}}
+        return {"models": models, "sweeps": {}, "context": {}, "examples": {}}
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)
@@ -87,7 +102,45 @@ def load_metrics(path: Path) -> dict[str, Any]:
         raise GateInputError(f"{path}: not an aggregate summary (expected a 'models' key)")
     return {"models": _numeric_block(path, doc["models"], "models"),
             "sweeps": _numeric_block(path, doc.get("sweeps", {}), "sweeps"),
-            "context": doc.get("context", {}) if isinstance(doc.get("context", {}), dict) else {}}
+            "context": doc.get("context", {}) if isinstance(doc.get("context", {}), dict) else {},
+            "examples": _examples_block(path, doc.get("examples", {}))}
+
+
+def encode_bits(correct: NDArray[np.bool_]) -> str:
+    """(N,) bool -> hex string, bit i (MSB first) = example i right."""
+    return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
+
+
+def decode_bits(bits: str, n: int) -> NDArray[np.bool_]:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8), count=n).astype(bool)
+
+
+def _examples_block(path: Path, block: Any) -> dict[str, Correctness]:
+    if not isinstance(block, dict):
+        raise GateInputError(f"{path}: 'examples' must map models to {{metric: {{n, bits}}}}")
+    out: dict[str, Correctness] = {}
+    for model, metrics in block.items():
+        out[model] = {}
+        for metric, enc in (metrics or {}).items():
+            try:
+                n = int(enc["n"])
+                out[model][metric] = decode_bits(str(enc["bits"]), n)
+                if len(enc["bits"]) != 2 * ((n + 7) // 8):
+                    raise ValueError(f"{len(enc['bits'])} hex digits for n={n}")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise GateInputError(f"{path}: examples.{model}.{metric} is not {{n, bits}} ({exc})") from None
+    return out
+
+
+def examples_block(correct: dict[str, Correctness], robust_metric: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per-example correctness as the baseline stores it; `robust` is each model's robust-metric column
+    (robust_metric: the summary context's value, one name or {model: name})."""
+    out = {}
+    for model, cols in correct.items():
+        metric = robust_metric.get(model) if isinstance(robust_metric, dict) else robust_metric
+        cols = {**cols, **({"robust": cols[metric]} if metric in cols else {})}
+        out[model] = {k: {"n": int(v.size), "bits": encode_bits(v)} for k, v in cols.items()}
+    return out
 
 
 def _flat(doc: dict[str, Any]) -> dict[tuple[str, str], float]:
@@ -107,14 +160,42 @@ def check_context(baseline: dict[str, Any], current: dict[str, Any]) -> None:
                              "intended")
 
 
+def _paired_keys(baseline: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str]]:
+    """(model, metric) with per-example correctness on both sides, over the same number of examples."""
+    be, ce = baseline.get("examples", {}), current.get("examples", {})
+    return [(m, k) for m, cols in be.items() for k, v in cols.items()
+            if k in ce.get(m, {}) and ce[m][k].size == v.size and gate_direction(k) == "higher"]
+
+
+def gate_direction(metric: str) -> str:
+    """'higher' for an accuracy with a per-example record (metric_specs), else 'none' (gated by its rule)."""
+    spec = BY_KEY.get(metric)
+    return spec.direction if spec is not None and spec.per_example else "none"
+
+
+def _paired_row(entity: str, metric: str, b: float | None, c: float | None, base: NDArray[np.bool_],
+                cur: NDArray[np.bool_], gate: GateParams, checks: int) -> GateRow:
+    r = paired_comparison(cur, base, level=1.0 - gate.alpha / checks, n_boot=GATE_BOOT)
+    diff, lo, hi = 100.0 * r.diff, 100.0 * r.lo, 100.0 * r.hi
+    status: Status = ("regressed" if hi < 0 and -diff > gate.min_effect + _EPS else
+                      "improved" if lo > 0 and diff > gate.min_effect + _EPS else "ok")
+    return GateRow(entity, metric, b, c, gate.min_effect, "higher", status, (lo, hi))
+
+
 def compare(baseline: dict[str, Any], current: dict[str, Any], gate: GateParams) -> list[GateRow]:
-    """One GateRow per (entity, metric) in either file, baseline order first."""
+    """One GateRow per (entity, metric) in either file, baseline order first; paired where both sides
+    hold the examples (see the module docstring)."""
     base, cur = _flat(baseline), _flat(current)
+    paired = _paired_keys(baseline, current)
     rows = []
     for key in [*base, *(k for k in cur if k not in base)]:
         entity, metric = key
         rule = gate.rule(metric)
         b, c = base.get(key), cur.get(key)
+        if key in paired and c is not None:
+            rows.append(_paired_row(entity, metric, b, c, baseline["examples"][entity][metric],
+                                    current["examples"][entity][metric], gate, len(paired)))
+            continue
         allowed = None if b is None else rule.allowed(b)
         status: Status
         if rule.direction == "ignore":
@@ -154,12 +235,36 @@ def render(rows: list[GateRow], show_all: bool = False) -> Table:
             continue
         move = {"higher": "drop", "lower": "rise"}.get(r.direction)
         tol = "–" if r.allowed is None or move is None else f"{move} ≤ {r.allowed:.3f}"
+        if r.interval is not None:   # paired: fails only when the interval excludes 0 and the drop > min effect
+            tol = f"paired CI [{r.interval[0]:+.1f}, {r.interval[1]:+.1f}], min {r.allowed:.1f}"
         table.add_row(r.entity, r.metric, num(r.baseline), num(r.current), num(r.delta, signed=True), tol,
                       f"[{_STYLE[r.status]}]{r.status.upper() if r.status in FAILING else r.status}[/]")
     return table
 
 
-def write_baseline(current: dict[str, Any], path: Path, profile: str | None, source: Path) -> None:
-    """Install `current` as the committed baseline (same format as the aggregate summary)."""
-    doc = {**current, "baseline": {"profile": profile, "from": str(source)}}
+def write_baseline(current: dict[str, Any], path: Path, profile: str | None, source: Path,
+                   correct: dict[str, Correctness] | None = None) -> None:
+    """Install `current` as the committed baseline (the aggregate summary's format), with the per-example
+    correctness `correct` (from the run's records) that the paired checks need."""
+    doc = {k: v for k, v in current.items() if k != "examples"}
+    doc["baseline"] = {"profile": profile, "from": str(source)}
+    if correct:
+        doc["examples"] = examples_block(correct, current["context"].get("robust_metric"))
     write_json(path, doc)
+
+
+def current_examples(current: dict[str, Any], record_dir: Path) -> dict[str, Correctness]:
+    """Per-example correctness of the current run's models from their records, checked against the summary;
+    `robust` added as each model's robust-metric column."""
+    cascade = current["context"].get("cascade", False)
+    try:
+        correct = load_correctness(list(current["models"]), record_dir, current["models"],
+                                   cascade if isinstance(cascade, dict) else dict.fromkeys(current["models"], cascade))
+    except MetricsError as exc:
+        raise GateInputError(str(exc)) from None
+    robust = current["context"].get("robust_metric")
+    for model, cols in correct.items():
+        metric = robust.get(model) if isinstance(robust, dict) else robust
+        if metric in cols:
+            cols["robust"] = cols[metric]
+    return correct

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from ..config import Params
 from ..tracking import Tracker
-from .metrics_io import collect_metrics
+from .metrics_io import ModelMetrics, collect_metrics
 from .plot import write_tradeoff_plot
-from .summary import NUMERIC_COLUMNS, Summary, build_summary
-from .table import write_csv, write_markdown, write_summary_json
+from .summary import NUMERIC_COLUMNS, Replicate, Summary, build_summary
+from .records import Correctness, load_correctness
+from .table import write_comparisons, write_csv, write_markdown, write_summary_json
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class AggregateInputs:
     eval_dir: Path
     train_dir: Path | None = None
     corruption_dir: Path | None = None
+    record_dir: Path | None = None   # <model>_record.csv per-example records: paired statistics
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class AggregateOutputs:
     table_md: Path
     summary_json: Path
     plot_png: Path
+    comparisons_csv: Path | None = None
+    comparisons_md: Path | None = None
 
 
 def objectives(p: Params) -> dict[str, str]:
@@ -37,11 +41,31 @@ def objectives(p: Params) -> dict[str, str]:
     return {name: spec.objective or name for name, spec in p.method.items()}
 
 
+def _correctness(models: list[ModelMetrics], record_dir: Path | None) -> dict[str, Correctness]:
+    if record_dir is None:
+        return {}
+    return load_correctness([m.name for m in models], record_dir, {m.name: m.acc for m in models},
+                            {m.name: m.cascade for m in models})
+
+
+def _replicate(p: Params, seed: int, inputs: AggregateInputs) -> Replicate:
+    """Replicate `seed`'s metrics from the seed<k> folders its *_rep stages write."""
+    sub = f"seed{seed}"
+    models = collect_metrics(p.evaluate.models, objectives(p), inputs.eval_dir / sub, None,
+                             None if inputs.corruption_dir is None else inputs.corruption_dir / sub)
+    return Replicate(seed, models, _correctness(models, None if inputs.record_dir is None else inputs.record_dir / sub))
+
+
 def run_aggregate(p: Params, inputs: AggregateInputs, outputs: AggregateOutputs) -> Summary:
     models = collect_metrics(p.evaluate.models, objectives(p), inputs.eval_dir, inputs.train_dir,
                              inputs.corruption_dir)
-    summary = build_summary(models, p.aggregate, dataset=p.data.dataset, arch=p.model.arch)
+    correctness = _correctness(models, inputs.record_dir)
+    replicates = [_replicate(p, seed, inputs) for seed in p.replicates]
+    summary = build_summary(models, p.aggregate, dataset=p.data.dataset, arch=p.model.arch, correctness=correctness,
+                            replicates=replicates, seed=p.seed)
     write_csv(summary, outputs.table_csv)
+    if outputs.comparisons_csv is not None and outputs.comparisons_md is not None:
+        write_comparisons(summary.comparisons, outputs.comparisons_csv, outputs.comparisons_md)
     write_markdown(summary, outputs.table_md)
     write_summary_json(summary, outputs.summary_json)
     write_tradeoff_plot(summary, outputs.plot_png)
@@ -56,10 +80,19 @@ def _log_mlflow(p: Params, s: Summary, outputs: AggregateOutputs) -> None:
                        "robust_metric_used": s.robust_metric or "per model",
                        "reference_curve": s.curve.describe() if s.curve else s.curve_error})
         tr.log_metrics({f"mean_gap.{sw.objective}": sw.mean_gap for sw in s.sweeps if sw.mean_gap is not None})
-        for path in (outputs.table_csv, outputs.table_md, outputs.summary_json, outputs.plot_png):
+        tr.log_metrics({f"diff.{c.model}.{c.baseline}.{c.metric}": {"value": c.diff, "lo": c.lo, "hi": c.hi,
+                                                                   "p_holm": c.p_holm} for c in s.comparisons})
+        for path in (outputs.table_csv, outputs.table_md, outputs.summary_json, outputs.plot_png,
+                     outputs.comparisons_csv, outputs.comparisons_md):
+            if path is None:
+                continue
             tr.log_artifact(path, artifact_path="aggregate")
         for row in s.rows:
             with tr.child(f"aggregate/{row['model']}", tags={"method": row["model"], "objective": row["objective"],
                                                              "role": row["role"]}) as child:
                 child.log_params({"objective": row["objective"], "robust_metric": row["robust_metric"]})
                 child.log_metrics({c: row[c] for c in NUMERIC_COLUMNS if row[c] is not None})
+                child.log_metrics({f"{c}_{b}": v for c, bounds in row["ci"].items()   # 95 % bounds
+                                   for b, v in zip(("lo", "hi"), bounds, strict=True)})
+                child.log_metrics({f"{c}_seed_{k}": v for c, ms in s.seed_stats.get(row["model"], {}).items()
+                                   for k, v in zip(("mean", "std"), ms, strict=True)})

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..io import read_json
 from ..errors import UserError
+from ..stats import accuracy_interval
 
 # table column -> key in the evaluate stage's JSON
 EVAL_KEYS: dict[str, str] = {
@@ -47,6 +48,10 @@ class ModelMetrics:
     pgd_steps: int | None = None
     n_eval: int | None = None
     eps: float | None = None
+    cascade: bool = False
+    # 95 % bounds in percent per column: Wilson for the EVAL_KEYS accuracies (from n_eval), the corruption
+    # stage's own bootstrap bounds for `corruption` (absent in metrics written before intervals existed)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -100,10 +105,18 @@ def load_model_metrics(name: str, objective: str, eval_dir: Path, train_dir: Pat
         corruption = _fraction(c_path, detail, CORRUPTION_KEY)
 
     steps, n_eval, eps = (_number(eval_path, ev, k) for k in ("pgd_steps", "n_eval", "eps"))
+    ci: dict[str, tuple[float, float]] = {}
+    if n_eval:
+        ci = {col: tuple(100.0 * b for b in accuracy_interval(v / 100.0, int(n_eval)))  # type: ignore[misc]
+              for col, v in acc.items()}
+    bounds = (detail or {}).get("ci95", {}).get(CORRUPTION_KEY)
+    if corruption is not None and isinstance(bounds, dict) and {"lo", "hi"} <= set(bounds):
+        ci["corruption"] = (100.0 * float(bounds["lo"]), 100.0 * float(bounds["hi"]))
     return ModelMetrics(name=name, objective=objective, acc=acc, corruption=corruption, corruption_detail=detail,
                         train_time_s=train_time,
                         pgd_steps=None if steps is None else int(steps),
-                        n_eval=None if n_eval is None else int(n_eval), eps=eps)
+                        n_eval=None if n_eval is None else int(n_eval), eps=eps,
+                        cascade=bool(ev.get("cascade", False)), ci=ci)
 
 
 def collect_metrics(models: Sequence[str], objectives: Mapping[str, str], eval_dir: Path,

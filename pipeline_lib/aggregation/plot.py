@@ -1,5 +1,6 @@
 """The accuracy-robustness plot ARREST draws: standard accuracy (x) against robust accuracy (y),
-the fitted reference tradeoff curve, every model's point labelled with its ARDist, sweep curves.
+the references' Pareto frontier, every model's point with its 95 % error bars in both directions,
+labelled with its ARDist, sweep curves.
 
 The robust models usually sit in a small corner far from the standard model (robust ~0 %), so
 when they would be squeezed together a second panel zooms on them; labels are placed by measuring
@@ -41,31 +42,40 @@ def _limits(xs: Sequence[float], ys: Sequence[float]) -> Limits:
             max(-pad_y / 2, min(ys) - pad_y), min(100.0 + pad_y / 2, max(ys) + pad_y))
 
 
+def _extent(rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """x and y values a view must hold: every point and the ends of its error bars."""
+    xs = [v for r in rows for v in (r["clean"], *(r.get("ci") or {}).get("clean", ()))]
+    ys = [v for r in rows for v in (r["robust"], *(r.get("ci") or {}).get("robust", ()))]
+    return xs, ys
+
+
 def _zoom(rows: list[dict[str, Any]], full: Limits) -> tuple[list[dict[str, Any]], Limits] | None:
     """(the robust models, their view limits) when they crowd one corner of the full view, else None."""
     top = max(r["robust"] for r in rows)
     robust = [r for r in rows if r["robust"] >= 0.25 * top]
     if len(robust) < 2 or len(robust) == len(rows):
         return None
-    lims = _limits([r["clean"] for r in robust], [r["robust"] for r in robust])
+    lims = _limits(*_extent(robust))
     share = (lims[1] - lims[0]) * (lims[3] - lims[2]) / ((full[1] - full[0]) * (full[3] - full[2]))
     return (robust, lims) if share < _ZOOM_AREA else None
 
 
 def _draw_curves(ax: Axes, s: Summary, lims: Limits,
                  color: dict[str, Any], legend: bool) -> None:
-    x_lo, x_hi, _, y_hi = lims
+    x_lo, x_hi, y_lo, y_hi = lims
     if s.curve is not None:
         c = s.curve
-        grid = np.linspace(x_lo, x_hi, 400)
-        ax.fill_between(grid, c(grid), y_hi, color=_BEYOND, alpha=0.07, lw=0,
-                        label="beyond the reference tradeoff (ARDist > 0)" if legend else None)
-        inside = (grid >= c.x_min) & (grid <= c.x_max)
-        ax.plot(grid[inside], c(grid[inside]), color="black", lw=1.8,
-                label=f"reference tradeoff curve ({c.family}, {c.n_points} points)" if legend else None)
-        for part in (grid <= c.x_min, grid >= c.x_max):
-            if part.sum() > 1:
-                ax.plot(grid[part], c(grid[part]), color="black", lw=1.0, ls=":")
+        # The references' region: flat left of the frontier, its segments, a vertical drop at its right end.
+        fx = np.array([min(x_lo, c.x_min), *c.xs, c.x_max])
+        fy = np.array([c.ys[0], *c.ys, min(y_lo, c.ys[-1])])
+        beyond = np.array([*zip(fx, fy), (x_hi, y_lo), (x_hi, y_hi), (fx[0], y_hi)])   # (V, 2) polygon
+        ax.fill(beyond[:, 0], beyond[:, 1], color=_BEYOND, alpha=0.07, lw=0,
+                label="beyond the references' tradeoff (ARDist > 0)" if legend else None)
+        ax.plot(c.xs, c.ys, color="black", lw=1.8,
+                label=f"reference tradeoff: Pareto frontier ({len(c.xs)} of {c.n_points} references)"
+                if legend else None)
+        ax.plot(fx[:2], fy[:2], color="black", lw=1.0, ls=":")      # flat extension left of the frontier
+        ax.plot(fx[-2:], fy[-2:], color="black", lw=1.0, ls=":")    # vertical drop right of it
     if s.reference_mode == "published" and s.reference_points:
         ax.scatter([p.standard for p in s.reference_points], [p.robust for p in s.reference_points],
                    marker="s", s=28, color="0.55", zorder=3, label="published reference points" if legend else None)
@@ -81,6 +91,12 @@ def _draw_curves(ax: Axes, s: Summary, lims: Limits,
 def _draw_points(ax: Axes, rows: list[dict[str, Any]], color: dict[str, Any], legend: bool) -> None:
     for r in rows:
         ref = r["role"] == "reference"
+        ci = r.get("ci") or {}
+        if "clean" in ci or "robust" in ci:   # 95 % intervals in both directions (Wilson: may be asymmetric)
+            xerr = [[r["clean"] - ci["clean"][0]], [ci["clean"][1] - r["clean"]]] if "clean" in ci else None
+            yerr = [[r["robust"] - ci["robust"][0]], [ci["robust"][1] - r["robust"]]] if "robust" in ci else None
+            ax.errorbar([r["clean"]], [r["robust"]], xerr=xerr, yerr=yerr, fmt="none", ecolor=color[r["objective"]],
+                        elinewidth=1.0, capsize=2.5, alpha=0.8, zorder=3)
         ax.scatter([r["clean"]], [r["robust"]], s=70, marker="s" if ref else "o", color=color[r["objective"]],
                    edgecolor="black", linewidth=0.8, zorder=4,
                    label=f"{r['model']}{' (reference)' if ref else ''}" if legend else None)
@@ -142,8 +158,9 @@ def _finish(ax: Axes, lims: Limits, robust_label: str, title: str) -> None:
 
 def draw_tradeoff(s: Summary) -> Figure:
     rows = [r for r in s.rows if r["robust"] is not None]
-    xs = [r["clean"] for r in rows] + [p.standard for p in s.reference_points]
-    ys = [r["robust"] for r in rows] + [p.robust for p in s.reference_points]
+    xs, ys = _extent(rows)
+    xs += [p.standard for p in s.reference_points]
+    ys += [p.robust for p in s.reference_points]
     if not xs:   # nothing to place: say so on the figure instead of failing the stage
         fig = Figure(figsize=(9, 6.5), dpi=130)
         fig.subplots().text(0.5, 0.5, "no model has a robust accuracy to plot", ha="center", va="center")

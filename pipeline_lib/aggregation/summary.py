@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..corruption.relative import REFERENCE as CORRUPTION_REFERENCE
 from ..corruption.relative import relative_to_reference
-from .ardist import mean_gap, signed_distance
+from ..stats import bootstrap_indices
+from .ardist import ardist_bootstrap, mean_gap, signed_distance
+from .comparisons import Comparison, compare_models
 from .config import MODEL_METRICS, AggregateParams
 from .curve import CurveFitError, TradeoffCurve, fit_tradeoff_curve
+from .frontier import FrontierCurve, fit_frontier
 from .metrics_io import EVAL_KEYS, ModelMetrics
 from .nrr import nrr
+from .records import Correctness
 from .references import ReferencePoint, own_points, published_points
 
 log = logging.getLogger(__name__)
@@ -40,15 +46,20 @@ class SweepResult:
 
 @dataclass
 class Summary:
-    rows: list[dict[str, Any]]                 # one per model: model, objective, role, NUMERIC_COLUMNS, robust_metric
+    # one per model: model, objective, role, NUMERIC_COLUMNS, robust_metric and ci {column: (lo, hi)}
+    rows: list[dict[str, Any]]
     robust_metric: str | None                  # the run-wide robust metric, None if models differ
     reference_mode: str
     reference_points: list[ReferencePoint]
-    curve: TradeoffCurve | None
+    curve: FrontierCurve | None
     curve_error: str | None
     sweeps: list[SweepResult]
     context: dict[str, Any]                    # dataset, arch, eps, n_eval, pgd_steps: what the numbers mean
     notes: list[str] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)   # paired, vs aggregate.compare_to
+    seeds: list[int] = field(default_factory=list)                # training seeds behind seed_stats (>= 2)
+    # model -> column -> (mean, sample std) over the training seeds; empty with one seed
+    seed_stats: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def pgd_label(self) -> str:
         steps = self.context.get("pgd_steps")
@@ -73,7 +84,7 @@ def choose_robust_metric(models: Sequence[ModelMetrics], order: Sequence[str]) -
 def _context(models: Sequence[ModelMetrics], dataset: str | None, arch: str | None) -> dict[str, Any]:
     """What the numbers mean; a per-model mapping where the models disagree (e.g. different n_eval)."""
     ctx: dict[str, Any] = {"dataset": dataset, "arch": arch}
-    for key in ("eps", "n_eval", "pgd_steps"):
+    for key in ("eps", "n_eval", "pgd_steps", "cascade"):
         values = {mm.name: getattr(mm, key) for mm in models}
         distinct = set(values.values())
         ctx[key] = distinct.pop() if len(distinct) == 1 else values
@@ -81,7 +92,7 @@ def _context(models: Sequence[ModelMetrics], dataset: str | None, arch: str | No
 
 
 def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, Mapping[str, Any]],
-                reference: TradeoffCurve | None, family: str) -> list[SweepResult]:
+                reference: FrontierCurve | None, family: str) -> list[SweepResult]:
     """One SweepResult per objective with 2+ instances (a knob swept), in first-appearance order."""
     groups: dict[str, list[str]] = {}
     for mm in models:
@@ -151,9 +162,81 @@ def _reference_points(ap: AggregateParams, rows: Mapping[str, Mapping[str, Any]]
     return points
 
 
+def _intervals(models: Sequence[ModelMetrics], rows: Mapping[str, dict[str, Any]], ap: AggregateParams,
+               points: Sequence[ReferencePoint], curve: FrontierCurve | None,
+               correctness: Mapping[str, Correctness]) -> None:
+    """rows[m]["ci"]: the 95 % bounds of every column that has them; ARDist's by a joint bootstrap over
+    test examples when every model (and, with own references, every reference) has its record."""
+    for mm in models:
+        row = rows[mm.name]
+        row["ci"] = dict(mm.ci)
+        if row["robust_metric"] in mm.ci:
+            row["ci"]["robust"] = mm.ci[row["robust_metric"]]
+    have = {n: (c["clean"], c[rows[n]["robust_metric"]]) for n, c in correctness.items()
+            if n in rows and rows[n]["robust_metric"] in c}
+    refs = [p.method for p in points] if ap.reference == "own" else None
+    if curve is None or not have or (refs is not None and not set(refs) <= set(have)):
+        return
+    idx = bootstrap_indices(len(next(iter(have.values()))[0]))
+    for n, bounds in ardist_bootstrap(have, refs, None if refs is not None else curve, idx).items():
+        rows[n]["ci"]["ardist"] = bounds
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One extra training seed's models: their metrics and per-example correctness (may be empty)."""
+
+    seed: int
+    models: list[ModelMetrics]
+    correctness: dict[str, Correctness] = field(default_factory=dict)
+
+
+SEED_COLUMNS: tuple[str, ...] = (*EVAL_KEYS, "robust", "ardist", "corruption")
+
+
+def _seed_rows(models: Sequence[ModelMetrics], ap: AggregateParams, metric: str | None) -> dict[str, dict[str, Any]]:
+    """One seed's rows: accuracies, the robust metric and ARDist against that seed's own reference frontier."""
+    rows = {mm.name: _model_row(mm, metric if metric in mm.acc else None) for mm in models}
+    pts = own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
+                     {n: r["robust"] for n, r in rows.items()}) if ap.reference == "own" else \
+        published_points(ap.published_table, ap.reference_models, ap.published_sources)
+    curve = fit_frontier([p.standard for p in pts], [p.robust for p in pts]) if pts else None
+    for r in rows.values():
+        r["ardist"] = signed_distance(curve, r["clean"], r["robust"]) if curve and r["robust"] is not None else None
+    return rows
+
+
+def _seed_stats(first: Mapping[str, Mapping[str, Any]], replicates: Sequence[Replicate], ap: AggregateParams,
+                metric: str | None) -> dict[str, dict[str, tuple[float, float]]]:
+    """model -> column -> (mean, sample std) over the first seed's rows and every replicate that has the model."""
+    per_seed = [first] + [_seed_rows(r.models, ap, metric) for r in replicates]
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for name in first:
+        for col in SEED_COLUMNS:
+            vals = [rows[name][col] for rows in per_seed if name in rows and rows[name][col] is not None]
+            if len(vals) >= 2:
+                out.setdefault(name, {})[col] = (float(np.mean(vals)), float(np.std(vals, ddof=1)))
+    return out
+
+
+def _stack_seeds(first: Mapping[str, Correctness], replicates: Sequence[Replicate]) -> dict[str, Correctness]:
+    """Per-example correctness as (N, R) over the seeds that have the model's record (stratified comparisons);
+    a model/metric missing in some seed keeps only the first seed's (N,) column."""
+    out: dict[str, Correctness] = {}
+    for name, cols in first.items():
+        out[name] = {}
+        for k, v in cols.items():
+            more = [r.correctness[name][k] for r in replicates if k in r.correctness.get(name, {})]
+            out[name][k] = np.stack([v, *more], axis=1) if len(more) == len(replicates) and more else v
+    return out
+
+
 def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: str | None = None,
-                  arch: str | None = None) -> Summary:
-    """Rows with NRR and ARDist, the reference curve and sweep gaps for `models` under params `ap`."""
+                  arch: str | None = None, correctness: Mapping[str, Correctness] | None = None,
+                  replicates: Sequence[Replicate] = (), seed: int = 0) -> Summary:
+    """Rows with NRR, ARDist and 95 % intervals, the reference frontier, sweep gaps and (given the
+    per-example `correctness` of the models) the paired comparisons, for `models` under params `ap`.
+    With `replicates` (training seeds other than `seed`): mean ± std over seeds, comparisons stratified by seed."""
     notes: list[str] = []
     choice = choose_robust_metric(models, ap.robust_order)
     distinct = set(choice.values())
@@ -168,18 +251,15 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
     rows = {mm.name: _model_row(mm, choice[mm.name]) for mm in models}
 
     points = _reference_points(ap, rows, run_metric, dataset, arch, notes)
-    curve: TradeoffCurve | None = None
+    curve: FrontierCurve | None = None
     curve_error: str | None = None
     try:
-        curve = fit_tradeoff_curve([p.standard for p in points], [p.robust for p in points], ap.curve)
+        curve = fit_frontier([p.standard for p in points], [p.robust for p in points])
     except CurveFitError as exc:
         curve_error = (f"ARDist not computed: {exc} (reference={ap.reference}, "
                        f"reference_models={ap.reference_models})")
         notes.append(curve_error)
-
-    if curve is not None and not curve.is_non_increasing():
-        notes.append(f"the reference points show no tradeoff (robust accuracy rises with clean accuracy: "
-                     f"{curve.describe()}); ARDist then measures the distance to that rising curve")
+    # references: the run's own models (own) or the listed evaluated ones, imported included (models)
     ref_names = {p.method for p in points} if ap.reference != "published" else set()
     for n, row in rows.items():
         row["role"] = "reference" if n in ref_names else "method"
@@ -189,14 +269,21 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
     for n, mce in _mce_vs_standard(models, notes).items():
         rows[n]["mce_std"] = mce
 
+    correctness = correctness or {}
+    _intervals(models, rows, ap, points, curve, correctness)
+    robust_cols = [run_metric] if run_metric is not None else []
+    stacked = _stack_seeds(correctness, replicates) if replicates else correctness
+    comparisons = compare_models(stacked, [mm.name for mm in models], ap.compare_to, ["clean", *robust_cols])
+    seed_stats = _seed_stats(rows, replicates, ap, run_metric) if replicates else {}
     sweeps = _fit_sweeps(models, rows, curve, ap.curve)
     for note in notes:
         log.warning("%s", note)
-    ordered = [{k: rows[mm.name][k] for k in ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric")}
+    ordered = [{k: rows[mm.name][k] for k in ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric", "ci")}
                for mm in models]
     return Summary(rows=ordered, robust_metric=run_metric, reference_mode=ap.reference, reference_points=points,
                    curve=curve, curve_error=curve_error, sweeps=sweeps, context=_context(models, dataset, arch),
-                   notes=notes)
+                   notes=notes, comparisons=comparisons,
+                   seeds=[seed, *(r.seed for r in replicates)] if replicates else [], seed_stats=seed_stats)
 
 
 def summary_metrics(s: Summary) -> dict[str, Any]:
@@ -208,4 +295,7 @@ def summary_metrics(s: Summary) -> dict[str, Any]:
     sweeps = {sw.objective: {"mean_gap": round(sw.mean_gap, 4)} for sw in s.sweeps if sw.mean_gap is not None}
     ctx = {**s.context, "robust_metric": s.robust_metric or {r["model"]: r["robust_metric"] for r in s.rows},
            "reference": s.reference_mode}
-    return {"models": models, "sweeps": sweeps, "context": ctx}
+    # 95 % bounds apart from `models`, so the gate's per-metric rules never see them as metrics
+    ci95 = {r["model"]: {c: {"lo": round(lo, 4), "hi": round(hi, 4)} for c, (lo, hi) in r["ci"].items()}
+            for r in s.rows if r["ci"]}
+    return {"models": models, "sweeps": sweeps, "context": ctx, "ci95": ci95}

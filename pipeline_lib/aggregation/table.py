@@ -9,15 +9,28 @@ from typing import Any
 import pandas as pd
 
 from ..io import atomic_path, write_json, write_text
+from .comparisons import ALPHA, Comparison
+from .metric_specs import INTERVAL_COLUMNS
 from .summary import NUMERIC_COLUMNS, Summary, summary_metrics
 
-CSV_COLUMNS: tuple[str, ...] = ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric")
+# <column>_lo / <column>_hi: the 95 % bounds (metric_specs says how each is made)
+CI_COLUMNS: tuple[str, ...] = tuple(f"{c}_{b}" for c in INTERVAL_COLUMNS for b in ("lo", "hi"))
+CSV_COLUMNS: tuple[str, ...] = ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric", *CI_COLUMNS)
+COMPARISON_COLUMNS: tuple[str, ...] = ("model", "baseline", "metric", "model_acc", "baseline_acc", "diff", "diff_lo",
+                                       "diff_hi", "n", "model_only", "baseline_only", "p_mcnemar", "p_holm",
+                                       "significant")
 BLANK = "–"   # shown in Markdown where a metric was not measured (attack not run, no corruption stage, ...)
+
+
+def _with_bounds(r: dict[str, Any]) -> dict[str, Any]:
+    ci = r.get("ci") or {}
+    bounds = {f"{c}_{b}": ci[c][i] if c in ci else None for c in INTERVAL_COLUMNS for i, b in enumerate(("lo", "hi"))}
+    return {**r, **bounds}
 
 
 def summary_frame(s: Summary) -> pd.DataFrame:
     """One row per model, CSV_COLUMNS, NaN where blank."""
-    return pd.DataFrame([{c: r.get(c) for c in CSV_COLUMNS} for r in s.rows], columns=list(CSV_COLUMNS))
+    return pd.DataFrame([{c: _with_bounds(r).get(c) for c in CSV_COLUMNS} for r in s.rows], columns=list(CSV_COLUMNS))
 
 
 def write_csv(s: Summary, path: Path) -> None:
@@ -32,14 +45,45 @@ def _fmt(value: Any, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _fmt_ci(r: dict[str, Any], col: str, marks: dict[tuple[str, str], str], signed: bool = False) -> str:
+    """`55.0 ±4.4`: the value and half the width of its 95 % interval (the CSV has the exact, possibly
+    asymmetric, bounds), with a significance mark from `marks` when the paired comparison found one."""
+    value = r[col]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return BLANK
+    ci = (r.get("ci") or {}).get(col)
+    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    if ci is not None:
+        text += f" ±{(ci[1] - ci[0]) / 2:.1f}"
+    return text + marks.get((r["model"], col), "")
+
+
+def _marks(s: Summary) -> dict[tuple[str, str], str]:
+    """(model, column) -> ▲ / ▼ where the model is significantly above / below the first compare_to baseline."""
+    if not s.comparisons:
+        return {}
+    first = s.comparisons[0].baseline
+    out = {}
+    for c in s.comparisons:
+        if c.baseline == first and c.significant:
+            col = "clean" if c.metric == "clean" else c.metric
+            out[(c.model, col)] = " ▲" if c.diff > 0 else " ▼"
+            if c.metric == s.robust_metric:
+                out[(c.model, "robust")] = out[(c.model, col)]
+    return out
+
+
 def markdown(s: Summary) -> str:
     ctx = s.context
     pgd = s.pgd_label()
+    marks = _marks(s)
     header = ["Model", "Objective", "Clean", "FGSM", pgd, "CW", "AutoAttack", "Worst case", "NRR (AA)", "NRR (CW)",
               "ARDist", "Corruption (mean)", "mCE vs std", "Train time (s)", "Robust metric"]
     body = [[r["model"] + (" (ref)" if r["role"] == "reference" else ""), r["objective"],
-             *(_fmt(r[c]) for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "nrr_aa", "nrr_cw")),
-             _fmt(r["ardist"], signed=True), _fmt(r["corruption"]), _fmt(r["mce_std"], 1), _fmt(r["train_time_s"], 1),
+             *(_fmt_ci(r, c, marks) for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case")),
+             *(_fmt(r[c]) for c in ("nrr_aa", "nrr_cw")),
+             _fmt_ci(r, "ardist", marks, signed=True), _fmt_ci(r, "corruption", marks), _fmt(r["mce_std"], 1),
+             _fmt(r["train_time_s"], 1),
              s.metric_label(r["robust_metric"]) if r["robust_metric"] else BLANK] for r in s.rows]
     table = pd.DataFrame(body, columns=header).to_markdown(
         index=False, disable_numparse=True, colalign=("left", "left", *["right"] * 12, "left"))
@@ -51,7 +95,13 @@ def markdown(s: Summary) -> str:
         f"first {n_eval} test images." if not isinstance(n_eval, dict) else
         f"{ctx.get('dataset')} / {ctx.get('arch')}, L-inf eps {ctx.get('eps')}, test images per model: {n_eval}.",
         "Accuracies, NRR and ARDist in percent (points). "
-        f"{BLANK} = not measured (attack not run, no corruption metrics, ...).", "",
+        f"{BLANK} = not measured (attack not run, no corruption metrics, ...).",
+        "`55.0 ±4.4` = the value and half the width of its 95 % interval over test examples (accuracies: Wilson "
+        "score interval; corruption mean: bootstrap over images; ARDist: bootstrap over examples with the "
+        "reference frontier refitted each time; exact bounds in summary.csv). "
+        + (f"▲ / ▼ = significantly above / below {s.comparisons[0].baseline} on the same examples (exact McNemar, "
+           f"Holm-corrected over the comparisons, p < {ALPHA}; see Paired comparisons below)."
+           if s.comparisons else ""), "",
         table, "",
         f"- **Robust accuracy** for ARDist and the tradeoff plot: {s.robust_label()}.",
         "- **NRR** = 2 Nat Rob / (Nat + Rob) (CURE, App. F.2), with Rob = AutoAttack and with Rob = CW.",
@@ -64,11 +114,20 @@ def markdown(s: Summary) -> str:
         ref = ("this run's " + ", ".join(p.method for p in s.reference_points) if s.reference_mode != "published"
                else f"{len(s.reference_points)} published points (listed below)")
         lines.append(f"- **ARDist** = signed Euclidean distance (points) from a model's (clean, robust) point to the "
-                     f"reference tradeoff curve, positive beyond it (above/right). The project's definition "
-                     f"(the ARREST paper's procedure was not available). Curve: {s.curve.describe()}, fitted to {ref}.")
+                     f"reference tradeoff, positive beyond it (above/right). The project's definition "
+                     f"(the ARREST paper's procedure was not available): the reference is the "
+                     f"{s.curve.describe()}, of {ref}. Every reference lies on or below it: frontier references "
+                     f"score 0, dominated ones less.")
     else:
         lines.append(f"- **ARDist**: {s.curve_error}")
-    lines.append("- (ref) marks the reference models the curve is fitted to.")
+    lines.append("- (ref) marks the reference models the frontier is built from.")
+    if s.seed_stats:
+        lines += ["", f"## Training seeds: mean ± std over {len(s.seeds)} seeds ({', '.join(map(str, s.seeds))})", "",
+                  "Each seed retrains pretraining and every method; the table above is seed "
+                  f"{s.seeds[0]}'s. The std is the spread between trainings; the ± above is the test-set "
+                  "sampling of one model. Paired comparisons below are stratified by seed.", "", _seed_table(s)]
+    if s.comparisons:
+        lines += ["", "## Paired comparisons", "", comparisons_markdown(s.comparisons)]
 
     if s.sweeps:
         lines += ["", "## Sweeps: Bjontegaard-style mean gap", "",
@@ -89,6 +148,47 @@ def markdown(s: Summary) -> str:
     if s.notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in s.notes)]
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(s: Summary) -> str:
+    cols = [c for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "ardist", "corruption")
+            if any(c in st for st in s.seed_stats.values())]
+    labels = {"clean": "Clean", "fgsm": "FGSM", "pgd": s.pgd_label(), "cw": "CW", "autoattack": "AutoAttack",
+              "worst_case": "Worst case", "ardist": "ARDist", "corruption": "Corruption (mean)"}
+    body = [[r["model"], *(f"{st[c][0]:.1f} ± {st[c][1]:.1f}" if c in st else BLANK for c in cols)]
+            for r in s.rows if (st := s.seed_stats.get(r["model"], {})) is not None]
+    return pd.DataFrame(body, columns=["Model", *(labels[c] for c in cols)]).to_markdown(
+        index=False, disable_numparse=True)
+
+
+def comparisons_frame(comparisons: list[Comparison]) -> pd.DataFrame:
+    rows = [(c.model, c.baseline, c.metric, c.model_acc, c.baseline_acc, c.diff, c.lo, c.hi, c.n, c.model_only,
+             c.baseline_only, c.p_value, c.p_holm, c.significant) for c in comparisons]
+    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
+
+
+def comparisons_markdown(comparisons: list[Comparison]) -> str:
+    """The comparisons as a Markdown table with a line on how to read it."""
+    rows = [[c.model, c.baseline, c.metric, f"{c.model_acc:.1f}", f"{c.baseline_acc:.1f}",
+             f"{c.diff:+.1f} [{c.lo:+.1f}, {c.hi:+.1f}]", f"{c.model_only} / {c.baseline_only}", f"{c.p_value:.3g}",
+             f"{c.p_holm:.3g}", "yes" if c.significant else "no"] for c in comparisons]
+    table = pd.DataFrame(rows, columns=["Model", "Baseline", "Metric", "Model acc", "Baseline acc",
+                                        "Difference [95 % CI]", "Discordant (model / baseline)", "McNemar p",
+                                        "Holm p", "Significant"]).to_markdown(index=False, disable_numparse=True)
+    return (f"Each model against the baseline on the same {comparisons[0].n if comparisons else 0} test examples. "
+            "Difference = model minus baseline (points) with a paired bootstrap 95 % interval; discordant = "
+            "examples only one of the two gets right; McNemar p = exact two-sided binomial test on them; "
+            f"Holm p = corrected for the {len(comparisons)} comparisons; significant when Holm p < {ALPHA}.\n\n"
+            + table + "\n")
+
+
+def write_comparisons(comparisons: list[Comparison], csv_path: Path, md_path: Path) -> None:
+    frame = comparisons_frame(comparisons).round(6)
+    with atomic_path(csv_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    write_text(md_path, "# Paired comparisons\n\n" + (comparisons_markdown(comparisons) if comparisons else
+                                                       "No comparison: no baseline of aggregate.compare_to with a "
+                                                       "per-example record.\n"))
 
 
 def write_markdown(s: Summary, path: Path) -> None:

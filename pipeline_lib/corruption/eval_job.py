@@ -42,9 +42,10 @@ def run_corruption_eval(p: Params, name: str, model_path: Path, set_dir: Path, m
         clean_acc = accuracy_on(model, x.permute(0, 2, 3, 1).numpy(), labels, batch_size=p.corruption.batch_size,
                                 device=device)
         names = [*manifest["corruptions"], *manifest["extra"]]
+        hits: dict[str, Any] = {}
         table = corruption_table(model, cset, names, n, clean_labels=labels, batch_size=p.corruption.batch_size,
-                                 device=device, progress=p.runtime.progress)
-        metrics = summarise(table, manifest["corruptions"], manifest["extra"], clean_acc)
+                                 device=device, progress=p.runtime.progress, hits=hits)
+        metrics = summarise(table, manifest["corruptions"], manifest["extra"], clean_acc, hits)
         metrics.update(n_eval=n, eval_time_s=round(time.perf_counter() - t0, 3))
         write_json(metrics_path, metrics)
         plot_heatmap(table, heatmap_path, extra=manifest["extra"],

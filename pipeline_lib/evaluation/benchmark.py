@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import get_spec, load_test
+from ..stats import interval_block
 from .cascade import run_cascade
 from .config import EvaluateParams, check_against
 from .record import EvalRecord
@@ -80,6 +81,7 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, e: EvaluateParams, *,
         **acc, "pgd_steps": e.pgd.steps, "n_eval": record.n, "eps": eps, "cascade": e.cascade,
         "eval_time_s": round(sum(times.values()), 3), "time_s": times,
         "flags": report.flags, "warnings": report.messages,
+        "ci95": interval_block(acc, record.n),   # Wilson 95 % bounds of every *_acc (pipeline_lib/stats.py)
     }
     if any(st.metric == "autoattack_acc" for st in steps):
         metrics["autoattack_after"] = autoattack_progress(record, steps, e.cascade)

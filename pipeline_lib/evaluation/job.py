@@ -2,7 +2,7 @@
 
 Outputs (paths from dvc.yaml, through the stage command):
     metrics  JSON: clean_acc, fgsm_acc, pgd_acc, cw_acc, autoattack_acc, worst_case_acc (fractions;
-             an attack not run is absent), pgd_acc_eps_<eps> for the sweep, pgd_steps, n_eval, eps,
+             an attack not run is absent), ci95 ({<key>_acc: {lo, hi}}: Wilson 95 % bounds), pgd_acc_eps_<eps> for the sweep, pgd_steps, n_eval, eps,
              eval_time_s, time_s per attack, autoattack_after (accuracy after each component),
              flags (sanity checks made -> raised?) and warnings (their messages)
     record   CSV: which attack broke which test image (see evaluation.record)
