@@ -174,7 +174,7 @@ def _intervals(models: Sequence[ModelMetrics], rows: Mapping[str, dict[str, Any]
             row["ci"]["robust"] = mm.ci[row["robust_metric"]]
     have = {n: (c["clean"], c[rows[n]["robust_metric"]]) for n, c in correctness.items()
             if n in rows and rows[n]["robust_metric"] in c}
-    refs = [p.method for p in points] if ap.reference == "own" else None
+    refs = [p.method for p in points] if ap.reference != "published" else None
     if curve is None or not have or (refs is not None and not set(refs) <= set(have)):
         return
     idx = bootstrap_indices(len(next(iter(have.values()))[0]))
@@ -198,7 +198,7 @@ def _seed_rows(models: Sequence[ModelMetrics], ap: AggregateParams, metric: str 
     """One seed's rows: accuracies, the robust metric and ARDist against that seed's own reference frontier."""
     rows = {mm.name: _model_row(mm, metric if metric in mm.acc else None) for mm in models}
     pts = own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
-                     {n: r["robust"] for n, r in rows.items()}) if ap.reference == "own" else \
+                     {n: r["robust"] for n, r in rows.items()}) if ap.reference != "published" else \
         published_points(ap.published_table, ap.reference_models, ap.published_sources)
     curve = fit_frontier([p.standard for p in pts], [p.robust for p in pts]) if pts else None
     for r in rows.values():
