@@ -66,6 +66,7 @@ def thin_models(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.paper_e2e
 @pytest.mark.parametrize("profile", PAPER)
 def test_paper_profile_runs_end_to_end(profile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        thin_models: None) -> None:
