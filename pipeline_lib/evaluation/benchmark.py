@@ -60,11 +60,13 @@ def eps_curve(acc: Mapping[str, float], e: EvaluateParams, eps: float) -> list[t
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, e: EvaluateParams, *, eps: float, num_classes: int,
                    device: torch.device, state_path: str | Path | None = None,
                    fingerprint: Callable[[list[AttackStep]], str] | None = None, progress: bool = False,
-                   desc: str = "evaluate") -> Evaluation:
+                   desc: str = "evaluate", steps: list[AttackStep] | None = None) -> Evaluation:
     """Every attack of `e` on x (N, C, H, W) in [0, 1], y (N,) (on `device`, like the model).
 
-    state_path / fingerprint(steps): resumable state as in `run_cascade` (the stage's)."""
-    steps = plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size))
+    state_path / fingerprint(steps): resumable state as in `run_cascade` (the stage's).
+    steps: the plan of `e` when the caller already made it (the stage keys its MLflow run by it)."""
+    if steps is None:
+        steps = plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size))
     log.info("%s: first %d test images, eps=%g, steps: %s", desc, len(y), eps, ", ".join(st.name for st in steps))
     record = run_cascade(model, x, y, steps, batch_size=e.batch_size, seed=e.seed, cascade=e.cascade,
                          num_classes=num_classes, state_path=state_path,

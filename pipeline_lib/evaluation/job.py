@@ -85,15 +85,16 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
     stage = f"evaluate@{name}"
     # The fingerprint of what determines the record keys both the resumable state and the MLflow run
     # a resumed evaluation continues (planning the steps builds closures only: no attack runs here).
-    fp = eval_fingerprint(p, sha, device, plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size)))
+    planned = plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size))
+    fp = eval_fingerprint(p, sha, device, planned)
     with Tracker(p.mlflow.experiment, stage, tags={"stage": "evaluate", "method": name, "dvc_stage": stage},
                  resume_key=fp) as tr:
         with capture_logs(log_path):
             log.info("%s: %s (%s) on %s", stage, model_path, meta["arch"], p.data.dataset)
             # the same function as the public benchmark(): the stage adds files, MLflow and resumption
             ev = evaluate_model(model, x, y, e, eps=eps, num_classes=spec.num_classes, device=device,
-                                state_path=state_path, fingerprint=lambda steps: eval_fingerprint(p, sha, device, steps),
-                                progress=p.runtime.progress, desc=stage)
+                                state_path=state_path, fingerprint=lambda _: fp, progress=p.runtime.progress,
+                                desc=stage, steps=planned)
         record, steps, acc, report, metrics = ev.record, ev.steps, ev.accuracies, ev.report, ev.metrics
         tr.log_params({"evaluate": e.model_dump(exclude={"models"}), "eps": eps, "checkpoint": str(model_path),
                        "checkpoint_sha256": sha, "steps": [st.name for st in steps]})
