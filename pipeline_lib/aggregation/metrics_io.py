@@ -93,7 +93,8 @@ def check_roles(path: Path, specs: Sequence[MetricSpec], acc: Mapping[str, float
     evaluation (acc: key -> percent): the file is corrupt or stitched together."""
     roles = {m.key: m.role for m in specs}
     attacks = [k for k in acc if roles.get(k) == "attack"]
-    pairs = [(k, "clean") for k in attacks] + [(k, a) for k in acc if roles.get(k) == "worst_case" for a in attacks]
+    worst = [k for k in acc if roles.get(k) == "worst_case"]
+    pairs = [(k, "clean") for k in (*attacks, *worst)] + [(k, a) for k in worst for a in attacks]
     for low, high in pairs:
         if high in acc and acc[low] > acc[high] + 100.0 * _SLACK:
             raise MetricsError(f"{path}: {low}_acc={acc[low] / 100:g} exceeds {high}_acc={acc[high] / 100:g}, "
