@@ -9,7 +9,6 @@ per-example record written in the stage's format, then `arpipe aggregate` and `a
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
