@@ -59,11 +59,11 @@ def profile(
             source = f"{base_file} + {' + '.join(names)}"
         else:  # the default: params.yaml's own text (with its comments), kept in conf/base.yaml
             text = default_text(base_file)
-            parse_params(yaml.safe_load(text), str(base_file))
+            _validate(yaml.safe_load(text), str(base_file))
             write_text(out, text)
             console.print(f"wrote {out} = the default params ({base_file})")
             return
-        parse_params(composed, source)
+        _validate(composed, source)
     except KeyError as exc:  # str(KeyError) would wrap the message in quotes
         raise fail(str(exc.args[0])) from None
     except (OSError, yaml.YAMLError, ValueError) as exc:  # ParamsError and ProfileError are ValueErrors
@@ -74,6 +74,13 @@ def profile(
     console.print(f"wrote {out} = {source}")
 
 
+def _validate(raw: object, source: str) -> None:
+    """The params every stage would accept: the schema, then what only the registries know."""
+    from pipeline_lib.registered import check_registered   # the registries import torch
+
+    check_registered(parse_params(raw, source), source)
+
+
 def _sync(params_file: Path, base_file: Path) -> None:
     """params.yaml -> conf/base.yaml, refusing a params.yaml that a profile composed."""
     text = params_file.read_text(encoding="utf-8")
@@ -81,7 +88,7 @@ def _sync(params_file: Path, base_file: Path) -> None:
         raise ValueError(f"{params_file} was composed by `arpipe profile` ({text.splitlines()[0][2:]}); restore "
                          "the default first (`arpipe profile` or git), then edit and sync")
     raw = yaml.safe_load(text)
-    parse_params(raw, str(params_file))
+    _validate(raw, str(params_file))
     if not base_file.exists():
         write_text(base_file, base_text(text))
         console.print(f"created {base_file} from {params_file}")

@@ -15,6 +15,8 @@ import pipeline_lib.training
 from datafiles import REPO, base_params_dict
 from pipeline_lib.config import ParamsError, load_params, parse_params
 from pipeline_lib.profiles import available, compose
+from pipeline_lib.registered import check_registered
+from pipeline_lib.training import finetune_job
 from stages.cli import app
 
 PROFILE_DIR = REPO / "conf" / "profile"
@@ -38,7 +40,7 @@ def _errors_of(mutate: Mutation) -> str:
     raw = copy.deepcopy(base_params_dict())
     mutate(raw)
     with pytest.raises(ParamsError) as info:
-        parse_params(raw, "params.yaml")
+        check_registered(parse_params(raw, "params.yaml"), "params.yaml")
     return str(info.value)
 
 
@@ -50,6 +52,7 @@ def test_committed_params_validate() -> None:
 @pytest.mark.parametrize("profile", available(PROFILE_DIR))
 def test_every_profile_composes_to_valid_params(profile: str) -> None:
     p = parse_params(base_params_dict(profile), f"params.yaml + {profile}")
+    check_registered(p, f"params.yaml + {profile}")
     overlay = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
     # The overlay's scalar settings win over params.yaml (spot-check the top-level sections it sets).
     for section, values in overlay.items():
@@ -120,11 +123,9 @@ def test_method_settings_merge_key_by_key() -> None:
     raw["method"][name]["optim"] = {"lr": 0.5}
     raw["method"][name]["attack"] = {"steps": 7}
     p = parse_params(raw)
-    r = p.resolve(name)
+    r = finetune_job(name, p.method[name], p.finetune.optim, p.threat)
     assert r.optim.lr == 0.5 and r.optim.epochs == p.finetune.optim.epochs      # the rest from finetune.optim
     assert r.attack.steps == 7 and r.attack.eps == p.threat.eps                  # the rest from threat
-    with pytest.raises(KeyError, match="'nope'"):
-        p.resolve("nope")
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -195,13 +196,14 @@ def test_finetune_without_the_pretrained_checkpoint_says_what_to_run(tmp_path: P
 
 
 def test_run_training_itself_refuses_a_missing_pretrained_checkpoint(tmp_path: Path) -> None:
-    from pipeline_lib.training import finetune_job, run_training
-    from pipeline_lib.training.jobs import TrainOutputs
+    from pipeline_lib.training import TrainOutputs, finetune_job, run_training
 
     p = parse_params(base_params_dict())
     out = TrainOutputs(tmp_path / "m.pt", tmp_path / "m.json", tmp_path / "h.csv", tmp_path / "s.pt")
+    job = finetune_job("pgd_at", p.method["pgd_at"], p.finetune.optim, p.threat)
     with pytest.raises(FileNotFoundError, match="needs the pretrained checkpoint"):
-        run_training(p, finetune_job(p, "pgd_at"), out, pretrained=tmp_path / "missing.pt")
+        run_training(job, out, data=p.data, model=p.model, seed=p.seed, runtime=p.runtime,
+                     experiment=p.mlflow.experiment, pretrained=tmp_path / "missing.pt")
 
 
 def test_cli_error_lists_are_printed_literally(tmp_path: Path, no_training: list[str]) -> None:
