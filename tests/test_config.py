@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,24 @@ def test_bad_params_are_named(case: str) -> None:
     missing = [s for s in expected if s not in message]
     assert not missing, f"{case}: {missing} not in {message!r}"
     assert message.startswith("params.yaml: ")
+
+
+def test_the_params_schema_imports_no_torch() -> None:
+    """config.py composes torch-free section modules: loading params costs no torch import (and cannot
+    hide an import circle with a subsystem). Planted check: the subprocess reports what it imported."""
+    code = "import sys, pipeline_lib.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+    assert out == "[]", out
+
+
+def test_registry_checks_name_the_key(tmp_path: Path) -> None:
+    """What only the registries know fails through check_registered with the key, the value and the names."""
+    raw = copy.deepcopy(base_params_dict())
+    raw["method"]["arrest"]["params"]["phi_deg"] = 500
+    p = parse_params(raw, "params.yaml")   # the schema alone does not know the objective's params
+    with pytest.raises(ParamsError, match=r"params.yaml: method.arrest.params: phi_deg: .*500"):
+        check_registered(p, "params.yaml")
 
 
 def test_a_top_level_list_is_rejected() -> None:

@@ -7,20 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datafiles import base_params_dict, tiny_params, write_fashion_mnist
 from typer.testing import CliRunner
 
 from pipeline_lib import checkpoint
 from pipeline_lib.config import ParamsError, parse_params
-from pipeline_lib.corruption.config import EXTRA, SEVERITIES, STANDARD
 from pipeline_lib.corruption.accuracy_grid import summarise
+from pipeline_lib.corruption.config import EXTRA, SEVERITIES, STANDARD
 from pipeline_lib.corruption.generate import corrupt
 from pipeline_lib.corruption.mce import relative_corruption_error, relative_to_reference
 from pipeline_lib.corruption.store import CorruptedSet, CorruptedSetError, read_manifest
 from pipeline_lib.data import load_test
 from pipeline_lib.io import read_json
-from stages.corruption import build_set, score
 from stages.cli import app
+from stages.corruption import build_set, score
 
 SMALL = {"n_images": 12, "corruptions": ["gaussian_noise", "contrast", "fog"], "extra": ["saturate", "spatter"]}
 
@@ -74,6 +75,24 @@ def test_evaluation_metrics_heatmap_and_guards(tmp_path: Path, fm_root: Path, ti
     np.save(out / "labels.npy", (labels + 1) % 10)
     with pytest.raises(CorruptedSetError, match="differ from the first 12 test labels"):
         score(p, "m", tmp_path / "m.pt", out, tmp_path / "m2.json", tmp_path / "h2.png")
+
+
+def test_corruption_stages_apply_runtime_like_the_others(tmp_path: Path, fm_root: Path, tiny_model) -> None:
+    """corrupt and corruption@ start up through run_setup.start_run as training and evaluation do:
+    runtime.num_threads is applied (the corruption stage used to ignore it)."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    p = tiny_params(fm_root, corruption=SMALL, runtime={"num_threads": want})
+    out = tmp_path / "corrupted"
+    checkpoint.save_model(tmp_path / "m.pt", tiny_model, arch="small_cnn", dataset="fashion_mnist", meta={})
+    try:
+        build_set(p, out, tmp_path / "samples.png")
+        assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        score(p, "m", tmp_path / "m.pt", out, tmp_path / "m.json", tmp_path / "heat.png")
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_summary_keeps_extra_corruptions_out_of_the_mean() -> None:
