@@ -3,15 +3,19 @@
 Layout of conf/ (Hydra's config dir; `.dvc/config` has `hydra.enabled = true`):
 
     conf/config.yaml            defaults: [base, {profile: null}, _self_]
-    conf/base.yaml              the default params: a verbatim mirror of params.yaml (`sync_base`)
+    conf/base.yaml              THE SOURCE of the default params, with a comment on every key
     conf/profile/<name>.yaml    `# @package _global_` overlays holding only the keys they change;
                                 one may start from parts: `defaults: [_part, ..., _self_]`
                                 (files named `_*.yaml` are parts, not selectable profiles)
 
-Source of truth: **params.yaml** holds the default values (it is what `dvc repro` reads, and
-its comments document every key); conf/base.yaml is generated from it by `arpipe profile
---sync`, and a test fails when the two drift. With Hydra enabled, `dvc exp run` regenerates
-params.yaml from conf/, so an edit of params.yaml that was not synced would be lost there.
+One source of config truth, DVC's Hydra model: **conf/** holds every default and every
+profile; **params.yaml is generated** from it - by `arpipe profile [NAME...]` (the default
+keeps base.yaml's comments) or by `dvc exp run -S ...` (Hydra) - and is committed because
+`dvc repro` reads it. A hand edit of params.yaml works for one `dvc repro` but the next
+`dvc exp run` regenerates the file from conf/; `arpipe profile --check` (and a test) report
+such drift. Why this way round rather than dropping Hydra: DVC's `-S profile=...`, its
+queued sweeps and `dvc exp run` all compose from conf/ natively, so with conf/ as the source
+nothing a user runs can silently discard an edit.
 
 Composition is a deep merge: mappings merge key by key, everything else (lists included)
 is replaced; profiles apply in the order given. Two paths give the same params:
@@ -38,9 +42,13 @@ BASE_NAME = "base"          # conf/base.yaml, the first entry of conf/config.yam
 PARAMS_FILE = Path("params.yaml")
 SELF = "_self_"
 
-BASE_HEADER = ("# GENERATED from params.yaml by `arpipe profile --sync`: do not edit; edit params.yaml and\n"
-               "# sync. Hydra's default config (conf/config.yaml) for `dvc exp run -S profile=...`.\n")
-# First line of a params.yaml that `arpipe profile NAME` composed (not the hand-edited default).
+BASE_HEADER = ("# The default params: THE SOURCE of every default (edit here, then `arpipe profile`).\n"
+               "# params.yaml is generated from conf/ (`arpipe profile [NAME...]`, `dvc exp run -S ...`).\n")
+# First line of the default params.yaml, which `arpipe profile` generates from conf/base.yaml.
+DEFAULT_MARK = "# GENERATED from conf/base.yaml by `arpipe profile`"
+DEFAULT_HEADER = (f"{DEFAULT_MARK}: edit conf/base.yaml (the source), not this file,\n"
+                  "# then run `arpipe profile`; `dvc exp run` regenerates this file from conf/ (docs/profiles.md).\n")
+# First line of a params.yaml that `arpipe profile NAME` composed from conf/ and profiles.
 COMPOSED_MARK = "# COMPOSED by `arpipe profile"
 
 
@@ -148,17 +156,28 @@ def dump(params: dict[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(params))
 
 
-def base_text(params_text: str) -> str:
-    """conf/base.yaml's content for a params.yaml text: the header, then the file verbatim."""
-    return BASE_HEADER + params_text
-
-
-def default_text(base_file: Path) -> str:
-    """params.yaml's default text, recovered from its mirror conf/base.yaml (header removed)."""
+def default_body(base_file: Path) -> str:
+    """conf/base.yaml's params text (its header removed), comments included."""
     text = base_file.read_text(encoding="utf-8")
     if not text.startswith(BASE_HEADER):
-        raise ProfileError(f"{base_file} does not start with the generated header; run `arpipe profile --sync`")
+        raise ProfileError(f"{base_file} does not start with the source header:\n{BASE_HEADER}")
     return text[len(BASE_HEADER):]
+
+
+def default_params_text(base_file: Path) -> str:
+    """The default params.yaml, exactly as `arpipe profile` (no name) writes it."""
+    return DEFAULT_HEADER + default_body(base_file)
+
+
+def generated_from(params_text: str) -> list[str] | None:
+    """The profiles a params.yaml text says it was generated with ([] = the default), or None
+    when its first line carries neither generated header (edited by hand or written by Hydra)."""
+    first = params_text.split("\n", 1)[0]
+    if first.startswith(DEFAULT_MARK):
+        return []
+    if first.startswith(COMPOSED_MARK):
+        return first[len(COMPOSED_MARK):].split("`", 1)[0].split()
+    return None
 
 
 def drift(a: dict[str, Any], b: dict[str, Any], labels: tuple[str, str] = ("params.yaml", "conf"),

@@ -28,8 +28,17 @@ class Registry(Generic[T]):
         except KeyError:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries))}") from None
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a temporary registration ending, e.g. a test's dummy entry)."""
+        self.get(name)
+        del self._entries[name]
+
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def in_order(self) -> list[str]:
+        """Names in registration order (where the order means something, e.g. table columns)."""
+        return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -44,8 +44,8 @@ def aggregate(
     except (MetricsError, ValueError) as exc:
         raise fail(str(exc)) from None
     for row in s.rows:
-        shown = {k: row[k] for k in ("clean", "robust", "ardist") if row[k] is not None}
-        console.print(f"aggregate: {row['model']:<14} " + "  ".join(f"{k}={v:.2f}" for k, v in shown.items()))
+        shown = {k: row.values[k] for k in ("clean", "robust", "ardist") if row.values[k] is not None}
+        console.print(f"aggregate: {row.model:<14} " + "  ".join(f"{k}={v:.2f}" for k, v in shown.items()))
     console.print(f"aggregate: robust metric {s.robust_label()}; wrote {table}, {markdown}, {summary}, {plot}")
 
 

@@ -1,12 +1,12 @@
-"""`arpipe profile`: select a profile for `dvc repro`, and keep conf/ (Hydra) in step with params.yaml.
+"""`arpipe profile`: generate params.yaml from conf/ (the source) for `dvc repro`.
 
-    arpipe profile cifar10_resnet18          params.yaml = conf/base.yaml + the profile (Hydra's compose,
-                                             as `dvc exp run -S profile=cifar10_resnet18` does), validated
+    arpipe profile                           the default params.yaml (conf/base.yaml, comments kept)
+    arpipe profile cifar10_resnet18          conf/base.yaml + the profile (Hydra's compose, as
+                                             `dvc exp run -S profile=cifar10_resnet18` does), validated
     arpipe profile cifar10_wrn34_10 gpu_fast several profiles, applied in order
-    arpipe profile                           restore the default params.yaml (from its mirror conf/base.yaml)
     arpipe profile --list                    the profiles and what each is for
-    arpipe profile --sync                    after editing params.yaml: regenerate conf/base.yaml from it
-    arpipe profile --check                   exit 1 if conf/ no longer composes to params.yaml
+    arpipe profile --check                   exit 1 if params.yaml is not what conf/ generates
+                                             (edited by hand: move the edit to conf/)
     arpipe profile ci --base my.yaml         overlay onto another params file (plain merge, no Hydra)
 """
 
@@ -20,7 +20,8 @@ import yaml
 from pipeline_lib.config import parse_params
 from pipeline_lib.io import check_writable, write_text
 from pipeline_lib.profiles import (BASE_NAME, COMPOSED_MARK, CONF_DIR, PARAMS_FILE, PROFILE_DIR, ProfileError,
-                                   available, base_text, compose, compose_hydra, default_text, describe, drift, dump)
+                                   available, compose, compose_hydra, default_params_text, describe, drift, dump,
+                                   generated_from)
 
 from .common import console, fail
 
@@ -32,19 +33,15 @@ def profile(
     base: Path | None = typer.Option(None, help="overlay onto this params file instead of conf/base.yaml (no Hydra)"),
     profile_dir: Path = typer.Option(PROFILE_DIR, help="folder of profile overlays (with --base)"),
     list_: bool = typer.Option(False, "--list", help="list the profiles and exit"),
-    sync: bool = typer.Option(False, "--sync", help="regenerate conf/base.yaml from params.yaml (--out) and exit"),
-    check: bool = typer.Option(False, "--check", help="exit 1 when conf/ does not compose to params.yaml (--out)"),
+    check: bool = typer.Option(False, "--check", help="exit 1 when params.yaml (--out) is not what conf/ generates"),
 ) -> None:
-    """Write params.yaml for a profile (validated first), or sync / check conf/ against params.yaml."""
+    """Generate params.yaml from conf/ for the default or a profile (validated first), or check it."""
     names = names or []
     base_file = conf_dir / f"{BASE_NAME}.yaml"
     try:
         if list_:
             for name in available(conf_dir / "profile"):
                 console.print(f"{name:<20} {describe(name, conf_dir / 'profile')}", soft_wrap=True, markup=False)
-            return
-        if sync:
-            _sync(out, base_file)
             return
         if check:
             _check(out, conf_dir)
@@ -57,8 +54,8 @@ def profile(
         elif names:
             composed = compose_hydra(names, conf_dir=conf_dir)
             source = f"{base_file} + {' + '.join(names)}"
-        else:  # the default: params.yaml's own text (with its comments), kept in conf/base.yaml
-            text = default_text(base_file)
+        else:  # the default: conf/base.yaml's text, comments kept
+            text = default_params_text(base_file)
             _validate(yaml.safe_load(text), str(base_file))
             write_text(out, text)
             console.print(f"wrote {out} = the default params ({base_file})")
@@ -69,7 +66,7 @@ def profile(
     except (OSError, yaml.YAMLError, ValueError) as exc:  # ParamsError and ProfileError are ValueErrors
         raise fail(str(exc)) from None
     header = (f"{COMPOSED_MARK} {' '.join(names)}` = {source}.\n"
-              "# Generated: `arpipe profile` restores the default; edit params.yaml only in its default form.\n")
+              "# Generated from conf/: edit conf/ (the source), not this file; `arpipe profile` restores the default.\n")
     write_text(out, header + dump(composed))
     console.print(f"wrote {out} = {source}")
 
@@ -81,38 +78,23 @@ def _validate(raw: object, source: str) -> None:
     check_registered(parse_params(raw, source), source)
 
 
-def _sync(params_file: Path, base_file: Path) -> None:
-    """params.yaml -> conf/base.yaml, refusing a params.yaml that a profile composed."""
-    text = params_file.read_text(encoding="utf-8")
-    if text.startswith(COMPOSED_MARK):
-        raise ValueError(f"{params_file} was composed by `arpipe profile` ({text.splitlines()[0][2:]}); restore "
-                         "the default first (`arpipe profile` or git), then edit and sync")
-    raw = yaml.safe_load(text)
-    _validate(raw, str(params_file))
-    if not base_file.exists():
-        write_text(base_file, base_text(text))
-        console.print(f"created {base_file} from {params_file}")
-        return
-    changed = drift(yaml.safe_load(default_text(base_file)) or {}, raw, ("was", "now"))
-    write_text(base_file, base_text(text))
-    console.print(f"wrote {base_file} from {params_file}: "
-                  + (f"{len(changed)} key(s) changed" if changed else "no value changed"), soft_wrap=True)
-    for line in changed:
-        console.print(f"  {line}", soft_wrap=True, markup=False)
-
-
 def _check(params_file: Path, conf_dir: Path) -> None:
-    with open(params_file, encoding="utf-8") as fh:
-        params = yaml.safe_load(fh)
+    text = params_file.read_text(encoding="utf-8")
+    names = generated_from(text)
     try:
-        composed = compose_hydra([], conf_dir=conf_dir)
-    except ProfileError as exc:
-        raise fail(str(exc)) from None
-    diff = drift(params, composed)
-    if diff:
-        console.print(f"[bold red]drift[/]: {conf_dir} composes to something else than {params_file} "
-                      f"({len(diff)} key(s)); run `arpipe profile --sync`", soft_wrap=True)
+        composed = compose_hydra(names or [], conf_dir=conf_dir)
+    except (ProfileError, KeyError) as exc:
+        raise fail(str(exc.args[0] if isinstance(exc, KeyError) else exc)) from None
+    what = f"conf/ + {' + '.join(names)}" if names else "the default (conf/base.yaml)"
+    diff = drift(yaml.safe_load(text), composed, ("params.yaml", "conf"))
+    if names == [] and not diff and text != default_params_text(conf_dir / f"{BASE_NAME}.yaml"):
+        diff = ["the values agree but the text (comments) differs from conf/base.yaml's"]
+    if names is None or diff:
+        why = ("its first line is not the generated header (written by hand or by `dvc exp run`)"
+               if names is None else f"it differs from {what} in {len(diff)} place(s)")
+        console.print(f"[bold red]drift[/]: {params_file} is not what conf/ generates: {why}. Move edits to "
+                      f"conf/ (the source) and run `arpipe profile [NAME...]`", soft_wrap=True)
         for line in diff:
             console.print(f"  {line}", soft_wrap=True, markup=False)
         raise typer.Exit(1)
-    console.print(f"{conf_dir} composes to {params_file}: in sync")
+    console.print(f"{params_file} = {what}: in sync")

@@ -17,7 +17,7 @@ from pipeline_lib.aggregation.metrics_io import MetricsError
 from pipeline_lib.aggregation.records import correctness_from_csv, load_correctness
 from pipeline_lib.evaluation.record import EvalRecord
 from pipeline_lib.evaluation.registry import AttackStep
-from pipeline_lib.evaluation.summary import accuracies
+from pipeline_lib.evaluation.record_metrics import accuracies
 from pipeline_lib.stats import bootstrap_indices
 
 # standard, pgd_at, trades, mart as (clean, robust): mart (74, 50) is dominated by pgd_at (78, 54).

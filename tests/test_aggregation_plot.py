@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from pipeline_lib.aggregation.plot import draw_tradeoff, write_tradeoff_plot
-from pipeline_lib.aggregation.summary import Summary
+from pipeline_lib.aggregation.columns import numeric_columns
+from pipeline_lib.aggregation.rows import ModelRow, Summary
 
 
 def _summary(points: dict[str, tuple[float, float]]) -> Summary:
-    rows = [{"model": m, "objective": m, "role": "reference" if m == "standard" else "method",
-             "clean": c, "robust": r, "ardist": 0.5 * i} for i, (m, (c, r)) in enumerate(points.items())]
+    rows = [ModelRow(m, m, "autoattack", {**dict.fromkeys(numeric_columns()), "clean": c, "robust": r, "ardist": 0.5 * i},
+                     role="reference" if m == "standard" else "method") for i, (m, (c, r)) in enumerate(points.items())]
     return Summary(rows=rows, robust_metric="autoattack", reference_mode="own", reference_points=[],
                    curve=None, curve_error=None, sweeps=[], context={"dataset": "d", "arch": "a", "eps": 0.1})
 

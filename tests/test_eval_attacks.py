@@ -13,7 +13,7 @@ from pipeline_lib.evaluation.autoattack import build_autoattack, run_component
 from pipeline_lib.evaluation.cascade import check_adversarial, run_cascade
 from pipeline_lib.evaluation.config import AutoAttackName, AutoAttackParams
 from pipeline_lib.evaluation.registry import EVAL_ATTACKS
-from pipeline_lib.evaluation.summary import accuracies
+from pipeline_lib.evaluation.record_metrics import accuracies
 
 EPS = 0.02   # the fitted tiny model: FGSM leaves ~20% of the batch, PGD ~0%
 

@@ -16,7 +16,7 @@ from pipeline_lib.evaluation.cascade import run_cascade
 from pipeline_lib.evaluation.config import AutoAttackParams
 from pipeline_lib.evaluation.record import EvalRecord
 from pipeline_lib.evaluation.registry import AttackStep
-from pipeline_lib.evaluation.summary import accuracies, autoattack_progress, metric_columns
+from pipeline_lib.evaluation.record_metrics import accuracies, autoattack_progress, metric_columns
 
 EPS = 0.01        # the fitted tiny model keeps about half the batch under AutoAttack here
 BATCH = 16        # 32 examples: AutoAttack works in two batches, so batching must match too

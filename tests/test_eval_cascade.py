@@ -13,7 +13,7 @@ from eval_support import eval_params, fit, steps_for
 from pipeline_lib.evaluation.cascade import run_cascade
 from pipeline_lib.evaluation.record import EvalRecord, read_record_csv
 from pipeline_lib.evaluation.registry import AttackStep
-from pipeline_lib.evaluation.summary import accuracies, worst_case_columns
+from pipeline_lib.evaluation.record_metrics import accuracies, worst_case_columns
 
 EPS = 0.01   # the fitted tiny model keeps part of the batch at this eps: records are not all-broken
 

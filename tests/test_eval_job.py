@@ -19,7 +19,7 @@ from pipeline_lib.data import get_spec, load_test
 from pipeline_lib.evaluation.config import EvaluateConfigError, check_against
 from pipeline_lib.evaluation.job import EvalOutputs
 from pipeline_lib.evaluation.record import read_record_csv
-from pipeline_lib.evaluation.registry import EVAL_ATTACKS, AttackEnv, AttackStep
+from pipeline_lib.evaluation.registry import EVAL_ATTACKS, AttackEnv, AttackStep, RegisteredAttack
 from pipeline_lib.models import build_model
 from stages.evaluate import run
 from stages.cli import app
@@ -91,7 +91,7 @@ def test_a_planted_masked_pgd_raises_the_sanity_flags(setup: tuple[Params, Path]
     def masked_pgd(e: Any, env: AttackEnv) -> list[AttackStep]:
         return [AttackStep("pgd", "pgd_acc", env.eps, lambda x, y, gen: x.clone())]
 
-    monkeypatch.setitem(EVAL_ATTACKS._entries, "pgd", masked_pgd)
+    monkeypatch.setitem(EVAL_ATTACKS._entries, "pgd", RegisteredAttack(masked_pgd, EVAL_ATTACKS.get("pgd").metric))
     p, ckpt = setup
     p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"attacks": ["fgsm", "pgd"],
                                                                        "eps_sweep": []})})

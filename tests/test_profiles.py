@@ -21,9 +21,9 @@ from pipeline_lib.aggregation.job import objectives
 from pipeline_lib.config import Params, parse_params
 from pipeline_lib.data import get_spec
 from pipeline_lib.models import build_model
+from pipeline_lib.profiles import (COMPOSED_MARK, DEFAULT_HEADER, ProfileError, available, compose, compose_hydra,
+                                   default_params_text, drift, dump, generated_from)
 from pipeline_lib.training import TrainJob, finetune_job
-from pipeline_lib.profiles import (BASE_HEADER, COMPOSED_MARK, ProfileError, available, compose, compose_hydra,
-                                   default_text, drift, dump)
 from stages.cli import app
 
 CONF = REPO / "conf"
@@ -57,13 +57,16 @@ def _composed(*names: str) -> Params:
 def test_committed_params_are_the_default_composition() -> None:
     """What `dvc exp run` (Hydra on) writes without a profile is exactly the committed params.yaml."""
     diff = drift(_params_yaml(), compose_hydra([], conf_dir=CONF))
-    assert not diff, "conf/ drifted from params.yaml; run `arpipe profile --sync`:\n" + "\n".join(diff)
+    assert not diff, "params.yaml is not what conf/ generates; run `arpipe profile`:\n" + "\n".join(diff)
 
 
-def test_base_is_a_verbatim_mirror_of_params_yaml() -> None:
-    """Comments included, so `arpipe profile` (no name) restores the documented default exactly."""
-    assert default_text(CONF / "base.yaml") == (REPO / "params.yaml").read_text(encoding="utf-8"), \
-        "conf/base.yaml is not params.yaml's mirror; run `arpipe profile --sync`"
+def test_committed_params_yaml_is_generated_from_conf_verbatim() -> None:
+    """conf/base.yaml is the source: the committed params.yaml is `arpipe profile`'s output for it,
+    comments included, and says so in its first line."""
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    assert text == default_params_text(CONF / "base.yaml"), \
+        "params.yaml was edited by hand; move the edit to conf/base.yaml and run `arpipe profile`"
+    assert text.startswith(DEFAULT_HEADER) and generated_from(text) == []
 
 
 def test_dvc_has_hydra_composition_enabled() -> None:
@@ -216,26 +219,30 @@ def _run(project: Path, *args: str) -> Any:
                                "--conf-dir", str(project / "conf")])
 
 
-def test_select_restore_edit_sync_check(project: Path) -> None:
+def test_select_restore_edit_source_check(project: Path) -> None:
     params = project / "params.yaml"
+    base = project / "conf" / "base.yaml"
     default = params.read_text()
     assert _run(project, "--check").exit_code == 0
 
     assert _run(project, "cifar100_resnet18").exit_code == 0          # select a profile
     assert yaml.safe_load(params.read_text())["data"]["dataset"] == "cifar100"
-    result = _run(project, "--sync")                                  # a composed file is not a default
-    assert result.exit_code == 2 and "composed by `arpipe profile`" in " ".join(result.output.split())
-    assert _run(project, "--check").exit_code == 1
+    assert generated_from(params.read_text()) == ["cifar100_resnet18"]
+    assert _run(project, "--check").exit_code == 0                    # a composed file checks against its profiles
 
     assert _run(project).exit_code == 0                               # restore the default, comments and all
     assert params.read_text() == default
 
-    params.write_text(default.replace("seed: 0", "seed: 7", 1))      # edit the default ...
+    params.write_text(default.replace("seed: 0", "seed: 7", 1))      # a hand edit of the generated file ...
     result = _run(project, "--check")
     assert result.exit_code == 1 and "seed: params.yaml 7, conf 0" in result.output
-    result = _run(project, "--sync")                                  # ... and sync it into conf/
-    assert result.exit_code == 0 and "seed: was 0, now 7" in result.output
-    assert (project / "conf" / "base.yaml").read_text() == BASE_HEADER + params.read_text()
+    params.write_text(default.split("\n", 2)[2])                     # ... or a file that lost its header
+    result = _run(project, "--check")
+    assert result.exit_code == 1 and "not the generated header" in " ".join(result.output.split())
+
+    base.write_text(base.read_text().replace("seed: 0", "seed: 7", 1))   # an edit of the source ...
+    assert _run(project).exit_code == 0                                  # ... regenerates params.yaml
+    assert yaml.safe_load(params.read_text())["seed"] == 7 and params.read_text().startswith(DEFAULT_HEADER)
     assert _run(project, "--check").exit_code == 0
     assert compose_hydra(["ci"], conf_dir=project / "conf")["seed"] == 7   # profiles compose on the new default
 

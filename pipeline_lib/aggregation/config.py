@@ -13,18 +13,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..schema import StrictModel
-from .metrics_io import EVAL_KEYS
+from .columns import by_key, gate_metric_keys, robust_keys
 
-# Robust accuracies the evaluate stage may write (as `<name>_acc`), strongest estimate first.
-RobustMetric = Literal["autoattack", "worst_case", "cw", "pgd", "fgsm"]
 CurveFamily = Literal["auto", "linear", "quadratic"]
-
-# Every metric the aggregate writes per model, in table order (accuracies, NRR, ARDist in points;
-# mce_std in percent of the standard model's corruption error).
-MODEL_METRICS: tuple[str, ...] = (*EVAL_KEYS, "robust", "nrr_aa", "nrr_cw", "ardist", "corruption", "mce_std",
-                                  "train_time_s")
-# ... and `mean_gap` per sweep: the names the gate's per-metric rules may use. A typo in params fails validation.
-GATE_METRICS: tuple[str, ...] = (*MODEL_METRICS, "mean_gap")
 
 
 def reference_tables() -> list[str]:
@@ -40,16 +31,24 @@ class GateRule(StrictModel):
     regression; the same move in the good direction is reported as an improvement.
     """
 
-    direction: Literal["higher", "lower", "ignore"] = "higher"   # which way is better
+    # which way is better; None: the metric's declared direction (aggregation/columns.py)
+    direction: Literal["higher", "lower", "ignore"] | None = None
     abs_tol: float = Field(default=0.0, ge=0)   # in the metric's unit (points for accuracies)
     rel_tol: float = Field(default=0.0, ge=0)   # fraction of |baseline|
 
     def allowed(self, baseline: float) -> float:
         return max(self.abs_tol, self.rel_tol * abs(baseline))
 
+    def direction_of(self, metric: str) -> str:
+        """This rule's direction for `metric`: its own, else the metric's declared one (higher if undeclared)."""
+        if self.direction is not None:
+            return self.direction
+        spec = by_key().get(metric)
+        return spec.direction if spec is not None else "higher"
+
 
 class GateParams(StrictModel):
-    """Accuracies with a per-example record on both sides (metric_specs.PER_EXAMPLE_COLUMNS) are gated paired:
+    """Accuracies with a per-example record on both sides (columns.per_example_columns()) are gated paired:
     a regression is a drop larger than `min_effect` points whose paired bootstrap interval against the
     baseline's own examples excludes zero, the interval's level Bonferroni-corrected over the paired checks
     (1 - alpha / checks) so that `alpha` bounds the chance of any false alarm. The rules below gate the rest
@@ -63,9 +62,10 @@ class GateParams(StrictModel):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v: dict[str, GateRule]) -> dict[str, GateRule]:
-        unknown = sorted(set(v) - set(GATE_METRICS))
+        known = gate_metric_keys()
+        unknown = sorted(set(v) - set(known))
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(GATE_METRICS)}")
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(known)}")
         return v
 
     def rule(self, metric: str) -> GateRule:
@@ -76,8 +76,8 @@ class AggregateParams(StrictModel):
     # Robust accuracy for ARDist, the sweep gaps and the plot: the first of
     # [robust_metric, *robust_fallback] that the evaluate stage wrote for every model
     # (NRR always uses AutoAttack and CW themselves, blank where they were not run).
-    robust_metric: RobustMetric = "autoattack"
-    robust_fallback: list[RobustMetric] = Field(default_factory=lambda: ["worst_case", "cw", "pgd"])
+    robust_metric: str = "autoattack"   # a metric declared `robust` (columns.robust_keys())
+    robust_fallback: list[str] = Field(default_factory=lambda: ["worst_case", "cw", "pgd"])
     # ARDist reference points: `own` = this run's models named in reference_models (those
     # present); `models` = the same, but every one must be in evaluate.models (trained or
     # imported with `external`: a published model measured under this run's attacks);
@@ -92,6 +92,16 @@ class AggregateParams(StrictModel):
     # Paired comparisons (table `comparisons`): every other model against each of these, same test examples.
     compare_to: list[str] = Field(default_factory=lambda: ["pgd_at"])
     gate: GateParams = GateParams()
+
+    @field_validator("robust_metric", "robust_fallback")
+    @classmethod
+    def _robust(cls, v: str | list[str]) -> str | list[str]:
+        known = robust_keys()
+        unknown = [m for m in ([v] if isinstance(v, str) else v) if m not in known]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} cannot be the robust metric; robust metrics: "
+                             f"{', '.join(known)}")
+        return v
 
     @field_validator("published_table")
     @classmethod

@@ -31,11 +31,10 @@ from rich.table import Table
 
 from ..io import write_json
 from ..stats import paired_comparison
+from .columns import by_key, numeric_columns
 from .config import GateParams
-from .metric_specs import BY_KEY
 from .metrics_io import MetricsError
 from .records import Correctness, load_correctness
-from .summary import NUMERIC_COLUMNS
 from ..errors import UserError
 
 Status = Literal["ok", "improved", "regressed", "missing", "new", "ignored"]
@@ -90,7 +89,7 @@ def load_metrics(path: Path) -> dict[str, Any]:
         frame = pd.read_csv(path)
         if "model" not in frame.columns:
             raise GateInputError(f"{path}: a summary CSV needs a 'model' column; got {list(frame.columns)}")
-        cols = [c for c in NUMERIC_COLUMNS if c in frame.columns]
+        cols = [c for c in numeric_columns() if c in frame.columns]
         models = {str(r["model"]): {c: float(r[c]) for c in cols if pd.notna(r[c])} for _, r in frame.iterrows()}
         return {"models": models, "sweeps": {}, "context": {}, "examples": {}}
     try:
@@ -168,8 +167,8 @@ def _paired_keys(baseline: dict[str, Any], current: dict[str, Any]) -> list[tupl
 
 
 def gate_direction(metric: str) -> str:
-    """'higher' for an accuracy with a per-example record (metric_specs), else 'none' (gated by its rule)."""
-    spec = BY_KEY.get(metric)
+    """The declared direction of a metric with a per-example record (columns.py), else 'none' (gated by its rule)."""
+    spec = by_key().get(metric)
     return spec.direction if spec is not None and spec.per_example else "none"
 
 
@@ -197,18 +196,19 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], gate: GateParams)
                                     current["examples"][entity][metric], gate, len(paired)))
             continue
         allowed = None if b is None else rule.allowed(b)
+        direction = rule.direction_of(metric)
         status: Status
-        if rule.direction == "ignore":
+        if direction == "ignore":
             status = "ignored"
         elif b is None:
             status = "new"
         elif c is None:
             status = "missing"
         else:
-            gain = (c - b) if rule.direction == "higher" else (b - c)   # > 0 = better
+            gain = (c - b) if direction == "higher" else (b - c)   # > 0 = better
             assert allowed is not None
             status = "regressed" if gain < -allowed - _EPS else "improved" if gain > allowed + _EPS else "ok"
-        rows.append(GateRow(entity, metric, b, c, allowed, rule.direction, status))
+        rows.append(GateRow(entity, metric, b, c, allowed, direction, status))
     return rows
 
 

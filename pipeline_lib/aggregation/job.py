@@ -11,8 +11,8 @@ from ..config import Params
 from ..tracking import Tracker
 from .metrics_io import ModelMetrics, collect_metrics
 from .plot import write_tradeoff_plot
-from .summary import NUMERIC_COLUMNS, Replicate, Summary, build_summary
 from .records import Correctness, load_correctness
+from .rows import Replicate, Summary, build_summary
 from .table import write_comparisons, write_csv, write_markdown, write_summary_json
 
 
@@ -88,11 +88,11 @@ def _log_mlflow(p: Params, s: Summary, outputs: AggregateOutputs) -> None:
                 continue
             tr.log_artifact(path, artifact_path="aggregate")
         for row in s.rows:
-            with tr.child(f"aggregate/{row['model']}", tags={"method": row["model"], "objective": row["objective"],
-                                                             "role": row["role"]}) as child:
-                child.log_params({"objective": row["objective"], "robust_metric": row["robust_metric"]})
-                child.log_metrics({c: row[c] for c in NUMERIC_COLUMNS if row[c] is not None})
-                child.log_metrics({f"{c}_{b}": v for c, bounds in row["ci"].items()   # 95 % bounds
+            with tr.child(f"aggregate/{row.model}", tags={"method": row.model, "objective": row.objective,
+                                                          "role": row.role}) as child:
+                child.log_params({"objective": row.objective, "robust_metric": row.robust_metric})
+                child.log_metrics({c: v for c, v in row.values.items() if v is not None})   # every declared column
+                child.log_metrics({f"{c}_{b}": v for c, bounds in row.ci.items()   # 95 % bounds
                                    for b, v in zip(("lo", "hi"), bounds, strict=True)})
-                child.log_metrics({f"{c}_seed_{k}": v for c, ms in s.seed_stats.get(row["model"], {}).items()
+                child.log_metrics({f"{c}_seed_{k}": v for c, ms in s.seed_stats.get(row.model, {}).items()
                                    for k, v in zip(("mean", "std"), ms, strict=True)})

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplo
 from matplotlib.transforms import Bbox
 
 from ..io import atomic_path
-from .summary import Summary
+from .rows import ModelRow, Summary
 
 _BEYOND = "#2ca02c"
 # Candidate label offsets (points from the marker), tried in order: the four corners first.
@@ -42,17 +42,23 @@ def _limits(xs: Sequence[float], ys: Sequence[float]) -> Limits:
             max(-pad_y / 2, min(ys) - pad_y), min(100.0 + pad_y / 2, max(ys) + pad_y))
 
 
-def _extent(rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """x and y values a view must hold: every point and the ends of its error bars."""
-    xs = [v for r in rows for v in (r["clean"], *(r.get("ci") or {}).get("clean", ()))]
-    ys = [v for r in rows for v in (r["robust"], *(r.get("ci") or {}).get("robust", ()))]
+def _extent(rows: list[ModelRow]) -> tuple[list[float], list[float]]:
+    """x and y values a view must hold: every point and the ends of its error bars (rows with a robust value)."""
+    xs = [v for r in rows for v in (r.clean, *r.ci.get("clean", ()))]
+    ys = [v for r in rows if r.robust is not None for v in (r.robust, *r.ci.get("robust", ()))]
     return xs, ys
 
 
-def _zoom(rows: list[dict[str, Any]], full: Limits) -> tuple[list[dict[str, Any]], Limits] | None:
+def _xy(r: ModelRow) -> tuple[float, float]:
+    """A plotted row's point (clean, robust); only rows with a robust accuracy are plotted."""
+    assert r.robust is not None
+    return r.clean, r.robust
+
+
+def _zoom(rows: list[ModelRow], full: Limits) -> tuple[list[ModelRow], Limits] | None:
     """(the robust models, their view limits) when they crowd one corner of the full view, else None."""
-    top = max(r["robust"] for r in rows)
-    robust = [r for r in rows if r["robust"] >= 0.25 * top]
+    top = max(_xy(r)[1] for r in rows)
+    robust = [r for r in rows if _xy(r)[1] >= 0.25 * top]
     if len(robust) < 2 or len(robust) == len(rows):
         return None
     lims = _limits(*_extent(robust))
@@ -88,26 +94,27 @@ def _draw_curves(ax: Axes, s: Summary, lims: Limits,
                 label=f"{sw.objective} sweep ({len(sw.models)} points{gap})" if legend else None)
 
 
-def _draw_points(ax: Axes, rows: list[dict[str, Any]], color: dict[str, Any], legend: bool) -> None:
+def _draw_points(ax: Axes, rows: list[ModelRow], color: dict[str, Any], legend: bool) -> None:
     for r in rows:
-        ref = r["role"] == "reference"
-        ci = r.get("ci") or {}
+        ref = r.role == "reference"
+        ci = r.ci
+        x, y = _xy(r)
         if "clean" in ci or "robust" in ci:   # 95 % intervals in both directions (Wilson: may be asymmetric)
-            xerr = [[r["clean"] - ci["clean"][0]], [ci["clean"][1] - r["clean"]]] if "clean" in ci else None
-            yerr = [[r["robust"] - ci["robust"][0]], [ci["robust"][1] - r["robust"]]] if "robust" in ci else None
-            ax.errorbar([r["clean"]], [r["robust"]], xerr=xerr, yerr=yerr, fmt="none", ecolor=color[r["objective"]],
+            xerr = [[x - ci["clean"][0]], [ci["clean"][1] - x]] if "clean" in ci else None
+            yerr = [[y - ci["robust"][0]], [ci["robust"][1] - y]] if "robust" in ci else None
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=color[r.objective],
                         elinewidth=1.0, capsize=2.5, alpha=0.8, zorder=3)
-        ax.scatter([r["clean"]], [r["robust"]], s=70, marker="s" if ref else "o", color=color[r["objective"]],
+        ax.scatter([x], [y], s=70, marker="s" if ref else "o", color=color[r.objective],
                    edgecolor="black", linewidth=0.8, zorder=4,
-                   label=f"{r['model']}{' (reference)' if ref else ''}" if legend else None)
+                   label=f"{r.model}{' (reference)' if ref else ''}" if legend else None)
 
 
-def _annotate(ax: Axes, rows: list[dict[str, Any]]) -> list[Any]:
+def _annotate(ax: Axes, rows: list[ModelRow]) -> list[Any]:
     out = []
     for r in rows:
-        dist = r["ardist"]
-        text = r["model"] if dist is None or math.isnan(dist) else f"{r['model']}\nARDist {dist:+.2f}"
-        ann = ax.annotate(text, (r["clean"], r["robust"]), xytext=_OFFSETS[0], textcoords="offset points",
+        dist = r.ardist
+        text = r.model if dist is None or math.isnan(dist) else f"{r.model}\nARDist {dist:+.2f}"
+        ann = ax.annotate(text, _xy(r), xytext=_OFFSETS[0], textcoords="offset points",
                           fontsize=8.5, zorder=5, annotation_clip=False,
                           bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.8", "alpha": 0.9})
         ann.set_in_layout(False)   # placement happens after layout; keep the layout from moving
@@ -157,7 +164,7 @@ def _finish(ax: Axes, lims: Limits, robust_label: str, title: str) -> None:
 
 
 def draw_tradeoff(s: Summary) -> Figure:
-    rows = [r for r in s.rows if r["robust"] is not None]
+    rows = [r for r in s.rows if r.robust is not None]
     xs, ys = _extent(rows)
     xs += [p.standard for p in s.reference_points]
     ys += [p.robust for p in s.reference_points]
@@ -172,13 +179,13 @@ def draw_tradeoff(s: Summary) -> Figure:
     axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
 
     cmap = matplotlib.colormaps["tab10"]
-    objectives = list(dict.fromkeys(r["objective"] for r in rows))
+    objectives = list(dict.fromkeys(r.objective for r in rows))
     color = {o: cmap(i % 10) for i, o in enumerate(objectives)}
     ctx = s.context
     fig.suptitle(f"Accuracy-robustness tradeoff: {ctx.get('dataset')} / {ctx.get('arch')}, "
                  f"L-inf eps {ctx.get('eps')}", fontsize=11)
 
-    panels: list[tuple[Axes, list[dict[str, Any]]]] = []   # (axes, the models labelled on it)
+    panels: list[tuple[Axes, list[ModelRow]]] = []   # (axes, the models labelled on it)
     zoomed = {id(r) for r in zoom[0]} if zoom else set()
     # Full view: every model; when zooming, only the models outside the zoom are labelled here.
     _draw_curves(axes[0], s, full, color, legend=True)
@@ -198,7 +205,7 @@ def draw_tradeoff(s: Summary) -> Figure:
     fig.draw_without_rendering()   # fix the layout before measuring labels against it
     for ax, labelled in panels:
         anns = _annotate(ax, labelled)
-        _place_labels(fig, ax, anns, [(r["clean"], r["robust"]) for r in rows])
+        _place_labels(fig, ax, anns, [_xy(r) for r in rows])
     return fig
 
 

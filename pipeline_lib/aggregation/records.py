@@ -3,13 +3,13 @@
 metrics/eval_detail/<model>_record.csv has one row per test example: clean_correct, one
 column per attack step (1 broken, 0 survived, empty not attacked) and `robust` (the worst
 case over attacks). From it this module rebuilds, per model, a (N,) bool vector for every
-accuracy column of the table (clean, fgsm, pgd, cw, autoattack, worst_case): the inputs of
+accuracy column of the table (clean, each attack's, worst_case): the inputs of
 the paired comparisons, ARDist's bootstrap and the variance-aware gate.
 
 A metric's steps are the columns named after it (AutoAttack: `autoattack/<component>`);
 in a cascade run an attack only saw what earlier steps left robust, so there an example
 counts as robust for a metric when no worst-case step up to the metric's last one broke it
-(the rule of evaluation.summary.metric_columns). Every rebuilt vector is checked against the
+(the rule of evaluation.record_metrics.metric_columns). Every rebuilt vector is checked against the
 accuracy in the model's metrics JSON: a record from another run is an error, not a silent
 mismatch.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from .metrics_io import EVAL_KEYS, MetricsError
+from .columns import eval_columns
+from .metrics_io import MetricsError
 
 Correctness = dict[str, NDArray[np.bool_]]   # table column -> (N,) right on example n
 _SWEEP_PREFIX = "pgd_eps_"                    # eps-sweep steps: not part of any table metric
@@ -65,13 +66,14 @@ def load_correctness(models: Sequence[str], record_dir: Path, accuracies: Mappin
     """Per-example correctness of every model whose record exists, checked against its accuracies
     (percent, table columns; 1e-3 points of slack for rounded summaries). Models without a record are left out (no paired statistics for them)."""
     out: dict[str, Correctness] = {}
+    checked = eval_columns()
     for m in models:
         path = record_path(record_dir, m)
         if not path.is_file():
             continue
         c = correctness_from_csv(path, bool((cascade or {}).get(m, False)))
         for key, acc in accuracies.get(m, {}).items():
-            if key in c and key in EVAL_KEYS and abs(100.0 * c[key].mean() - acc) > 1e-3:
+            if key in c and key in checked and abs(100.0 * c[key].mean() - acc) > 1e-3:
                 raise MetricsError(f"{path}: {key} accuracy from the record is {100.0 * c[key].mean():.2f} % but the "
                                    f"metrics JSON says {acc:.2f} %: the record belongs to another run")
         out[m] = c

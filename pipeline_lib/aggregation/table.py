@@ -1,4 +1,8 @@
-"""The comparison table as CSV (machine-readable, also DVC's plot data), Markdown (for people) and JSON (DVC metrics, gate input)."""
+"""The comparison table as CSV (machine-readable, also DVC's plot data), Markdown (for people) and JSON (DVC metrics, gate input).
+
+Columns, headers, number formats and alignment all come from the declared metrics (columns.py): a
+registered attack gets its column here without an edit.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +13,35 @@ from typing import Any
 import pandas as pd
 
 from ..io import atomic_path, write_json, write_text
+from ..evaluation.metric_spec import MetricSpec
+from .columns import interval_columns, model_columns, numeric_columns
 from .comparisons import ALPHA, Comparison
-from .metric_specs import INTERVAL_COLUMNS
-from .summary import NUMERIC_COLUMNS, Summary, summary_metrics
+from .rows import ModelRow, Summary, summary_metrics
 
-# <column>_lo / <column>_hi: the 95 % bounds (metric_specs says how each is made)
-CI_COLUMNS: tuple[str, ...] = tuple(f"{c}_{b}" for c in INTERVAL_COLUMNS for b in ("lo", "hi"))
-CSV_COLUMNS: tuple[str, ...] = ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric", *CI_COLUMNS)
 COMPARISON_COLUMNS: tuple[str, ...] = ("model", "baseline", "metric", "model_acc", "baseline_acc", "diff", "diff_lo",
                                        "diff_hi", "n", "model_only", "baseline_only", "p_mcnemar", "p_holm",
                                        "significant")
 BLANK = "–"   # shown in Markdown where a metric was not measured (attack not run, no corruption stage, ...)
 
 
-def _with_bounds(r: dict[str, Any]) -> dict[str, Any]:
-    ci = r.get("ci") or {}
-    bounds = {f"{c}_{b}": ci[c][i] if c in ci else None for c in INTERVAL_COLUMNS for i, b in enumerate(("lo", "hi"))}
-    return {**r, **bounds}
+def csv_columns() -> tuple[str, ...]:
+    """model, objective, role, every numeric column, robust_metric, then <column>_lo / <column>_hi: the 95 %
+    bounds of each column with an interval (its MetricSpec says how it is made)."""
+    bounds = tuple(f"{c}_{b}" for c in interval_columns() for b in ("lo", "hi"))
+    return ("model", "objective", "role", *numeric_columns(), "robust_metric", *bounds)
+
+
+def _csv_row(r: ModelRow) -> dict[str, Any]:
+    bounds = {f"{c}_{b}": r.ci[c][i] if c in r.ci else None for c in interval_columns()
+              for i, b in enumerate(("lo", "hi"))}
+    return {"model": r.model, "objective": r.objective, "role": r.role, **r.values, "robust_metric": r.robust_metric,
+            **bounds}
 
 
 def summary_frame(s: Summary) -> pd.DataFrame:
-    """One row per model, CSV_COLUMNS, NaN where blank."""
-    return pd.DataFrame([{c: _with_bounds(r).get(c) for c in CSV_COLUMNS} for r in s.rows], columns=list(CSV_COLUMNS))
+    """One row per model, csv_columns(), NaN where blank."""
+    cols = csv_columns()
+    return pd.DataFrame([{c: _csv_row(r).get(c) for c in cols} for r in s.rows], columns=list(cols))
 
 
 def write_csv(s: Summary, path: Path) -> None:
@@ -45,17 +56,22 @@ def _fmt(value: Any, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def _fmt_ci(r: dict[str, Any], col: str, marks: dict[tuple[str, str], str], signed: bool = False) -> str:
+def _fmt_ci(r: ModelRow, spec: MetricSpec, marks: dict[tuple[str, str], str]) -> str:
     """`55.0 ±4.4`: the value and half the width of its 95 % interval (the CSV has the exact, possibly
     asymmetric, bounds), with a significance mark from `marks` when the paired comparison found one."""
-    value = r[col]
+    value = r.values[spec.key]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return BLANK
-    ci = (r.get("ci") or {}).get(col)
-    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    ci = r.ci.get(spec.key)
+    text = _fmt(value, spec.digits, spec.signed)
     if ci is not None:
-        text += f" ±{(ci[1] - ci[0]) / 2:.1f}"
-    return text + marks.get((r["model"], col), "")
+        text += f" ±{(ci[1] - ci[0]) / 2:.{spec.digits}f}"
+    return text + marks.get((r.model, spec.key), "")
+
+
+def _cell(r: ModelRow, spec: MetricSpec, marks: dict[tuple[str, str], str]) -> str:
+    """A metric's Markdown cell: with its interval and significance mark when it has an interval."""
+    return _fmt_ci(r, spec, marks) if spec.interval != "none" else _fmt(r.values[spec.key], spec.digits, spec.signed)
 
 
 def _marks(s: Summary) -> dict[tuple[str, str], str]:
@@ -75,18 +91,14 @@ def _marks(s: Summary) -> dict[tuple[str, str], str]:
 
 def markdown(s: Summary) -> str:
     ctx = s.context
-    pgd = s.pgd_label()
     marks = _marks(s)
-    header = ["Model", "Objective", "Clean", "FGSM", pgd, "CW", "AutoAttack", "Worst case", "NRR (AA)", "NRR (CW)",
-              "ARDist", "Corruption (mean)", "mCE vs std", "Train time (s)", "Robust metric"]
-    body = [[r["model"] + (" (ref)" if r["role"] == "reference" else ""), r["objective"],
-             *(_fmt_ci(r, c, marks) for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case")),
-             *(_fmt(r[c]) for c in ("nrr_aa", "nrr_cw")),
-             _fmt_ci(r, "ardist", marks, signed=True), _fmt_ci(r, "corruption", marks), _fmt(r["mce_std"], 1),
-             _fmt(r["train_time_s"], 1),
-             s.metric_label(r["robust_metric"]) if r["robust_metric"] else BLANK] for r in s.rows]
+    shown = [m for m in model_columns() if m.in_markdown]
+    header = ["Model", "Objective", *(s.column_label(m.key) for m in shown), "Robust metric"]
+    body = [[r.model + (" (ref)" if r.role == "reference" else ""), r.objective,
+             *(_cell(r, m, marks) for m in shown),
+             s.metric_label(r.robust_metric) if r.robust_metric else BLANK] for r in s.rows]
     table = pd.DataFrame(body, columns=header).to_markdown(
-        index=False, disable_numparse=True, colalign=("left", "left", *["right"] * 12, "left"))
+        index=False, disable_numparse=True, colalign=("left", "left", *["right"] * len(shown), "left"))
 
     n_eval = ctx.get("n_eval")
     lines = [
@@ -151,13 +163,11 @@ def markdown(s: Summary) -> str:
 
 
 def _seed_table(s: Summary) -> str:
-    cols = [c for c in ("clean", "fgsm", "pgd", "cw", "autoattack", "worst_case", "ardist", "corruption")
-            if any(c in st for st in s.seed_stats.values())]
-    labels = {"clean": "Clean", "fgsm": "FGSM", "pgd": s.pgd_label(), "cw": "CW", "autoattack": "AutoAttack",
-              "worst_case": "Worst case", "ardist": "ARDist", "corruption": "Corruption (mean)"}
-    body = [[r["model"], *(f"{st[c][0]:.1f} ± {st[c][1]:.1f}" if c in st else BLANK for c in cols)]
-            for r in s.rows if (st := s.seed_stats.get(r["model"], {})) is not None]
-    return pd.DataFrame(body, columns=["Model", *(labels[c] for c in cols)]).to_markdown(
+    shown = {m.key for m in model_columns() if m.in_markdown}
+    cols = [c for c in interval_columns() if c in shown and any(c in st for st in s.seed_stats.values())]
+    body = [[r.model, *(f"{st[c][0]:.1f} ± {st[c][1]:.1f}" if c in st else BLANK for c in cols)]
+            for r in s.rows if (st := s.seed_stats.get(r.model, {})) is not None]
+    return pd.DataFrame(body, columns=["Model", *(s.column_label(c) for c in cols)]).to_markdown(
         index=False, disable_numparse=True)
 
 

@@ -32,9 +32,9 @@ from ..stats import interval_block
 from .cascade import run_cascade
 from .config import EvaluateParams, check_against
 from .record import EvalRecord
-from .registry import AttackEnv, AttackStep, plan_steps, sweep_metric
+from .registry import AttackEnv, AttackStep, attack_metrics, plan_steps, sweep_metric
 from .sanity import SanityReport, sanity_report
-from .summary import accuracies, autoattack_progress, step_times
+from .record_metrics import accuracies, autoattack_progress, step_times
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, e: EvaluateParams, *,
                          fingerprint=fingerprint(steps) if fingerprint else "", progress=progress, desc=desc)
     acc = accuracies(record, steps, e.cascade)
     curve = eps_curve(acc, e, eps)
-    attack_acc = {k.removesuffix("_acc"): v for k, v in acc.items()
-                  if k in ("fgsm_acc", "pgd_acc", "cw_acc", "autoattack_acc")}
+    attack_acc = {m.key: acc[m.eval_key] for m in attack_metrics() if m.eval_key in acc}
     report = sanity_report(attack_acc, curve, tol=e.sanity_tolerance, compare_attacks=not e.cascade)
     for message in report.messages:
         log.warning("%s: SANITY FLAG: %s", desc, message)

@@ -36,7 +36,7 @@ from .config import EvaluateParams, check_against
 from .plot import plot_evaluation
 from .record import STATE_FORMAT
 from .registry import AttackEnv, AttackStep, plan_steps
-from .summary import worst_case_columns
+from .record_metrics import worst_case_columns
 
 log = logging.getLogger(__name__)
 

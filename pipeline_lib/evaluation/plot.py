@@ -6,9 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..io import atomic_path
-
-BAR_ORDER = [("clean_acc", "clean"), ("fgsm_acc", "FGSM"), ("pgd_acc", "PGD"), ("cw_acc", "CW"),
-             ("autoattack_acc", "AutoAttack"), ("worst_case_acc", "worst case")]
+from .registry import eval_metrics
 
 
 def plot_evaluation(path: str | Path, title: str, acc: Mapping[str, float], curve: Sequence[tuple[float, float]],
@@ -19,7 +17,7 @@ def plot_evaluation(path: str | Path, title: str, acc: Mapping[str, float], curv
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(label, 100 * acc[key]) for key, label in BAR_ORDER if key in acc]
+    bars = [(m.label, 100 * acc[m.eval_key]) for m in eval_metrics() if m.eval_key in acc]   # declared order
     fig, (ax_bar, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_bar.bar([b[0] for b in bars], [b[1] for b in bars], color="tab:blue")
     for i, (_, v) in enumerate(bars):

@@ -9,11 +9,19 @@ evaluation resumes after the last finished component (or batch).
 A step's `run(x, y, generator) -> x_adv` attacks one batch: x (B, C, H, W) in
 [0, 1] on the model's device, y (B,) int64; the generator (CPU, seeded per batch
 by the cascade) drives any randomness, so a resumed run redraws the same noise.
+
+Each registration carries the attack's `MetricSpec` (label, whether it may be the robust
+metric, its gradient-masking orderings, ...): the sanity flags, the aggregate's reader,
+table, plot, MLflow and the gate take the attack's column from there, so adding an attack
+to the results is its module, its registration here and its params. `eval_metrics()` lists
+what the evaluate stage measures, in column order: clean, the attacks in registration
+order, worst case.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +33,7 @@ from ..attacks.fgsm import fgsm_linf
 from ..attacks.pgd import pgd_linf
 from ..registry import Registry
 from .autoattack import build_autoattack, run_component
+from .metric_spec import AtMost, MetricSpec
 
 if TYPE_CHECKING:
     from .config import EvaluateParams
@@ -53,14 +62,61 @@ class AttackEnv:
 
 
 AttackBuilder = Callable[["EvaluateParams", AttackEnv], list[AttackStep]]
-EVAL_ATTACKS: Registry[AttackBuilder] = Registry("evaluation attack")
 
 
-def register_attack(name: str) -> Callable[[AttackBuilder], AttackBuilder]:
-    return EVAL_ATTACKS.register(name)
+@dataclass(frozen=True)
+class RegisteredAttack:
+    build: AttackBuilder
+    metric: MetricSpec   # its column; its steps count towards metric.eval_key
 
 
-@register_attack("fgsm")
+EVAL_ATTACKS: Registry[RegisteredAttack] = Registry("evaluation attack")
+
+CLEAN = MetricSpec("clean", "Clean", role="clean")
+WORST_CASE = MetricSpec("worst_case", "Worst case", role="worst_case", robust=True,
+                        long_label="worst case over attacks")
+
+
+def register_attack(name: str, metric: MetricSpec) -> Callable[[AttackBuilder], AttackBuilder]:
+    """Register `builder` as attack `name` measuring `metric` (whose key must be the name)."""
+    if metric.key != name or metric.role != "attack":
+        raise ValueError(f"attack {name!r} must declare a metric with key {name!r} and role 'attack', "
+                         f"got key {metric.key!r}, role {metric.role!r}")
+
+    def deco(builder: AttackBuilder) -> AttackBuilder:
+        EVAL_ATTACKS.register(name)(RegisteredAttack(builder, metric))
+        return builder
+
+    return deco
+
+
+@contextmanager
+def registered_attack(name: str, metric: MetricSpec, builder: AttackBuilder) -> Iterator[None]:
+    """`name` registered for the block only (tests: a dummy attack through the whole results path)."""
+    register_attack(name, metric)(builder)
+    try:
+        yield
+    finally:
+        EVAL_ATTACKS.unregister(name)
+
+
+def attack_metrics() -> list[MetricSpec]:
+    """Every registered attack's metric, in registration order."""
+    return [EVAL_ATTACKS.get(name).metric for name in EVAL_ATTACKS.in_order()]
+
+
+def eval_metrics() -> list[MetricSpec]:
+    """What the evaluate stage measures, in column order: clean, every attack, worst case."""
+    return [CLEAN, *attack_metrics(), WORST_CASE]
+
+
+# One step's accuracy above another's: the gradient-masking orderings the attacks declare.
+_MULTISTEP = AtMost("fgsm", "multistep_weaker_than_fgsm",
+                    "a multi-step attack weaker than one step suggests gradient masking")
+_AA_WHY = "AutoAttack should be the stronger attack"
+
+
+@register_attack("fgsm", MetricSpec("fgsm", "FGSM", role="attack", robust=True))
 def _fgsm(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
         return fgsm_linf(env.model, x, y, eps=env.eps)
@@ -68,7 +124,8 @@ def _fgsm(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     return [AttackStep("fgsm", "fgsm_acc", env.eps, run)]
 
 
-@register_attack("pgd")
+@register_attack("pgd", MetricSpec("pgd", "PGD", role="attack", robust=True, at_most=(_MULTISTEP,),
+                                   steps_from="pgd_steps"))
 def _pgd(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     s = e.pgd
 
@@ -79,7 +136,7 @@ def _pgd(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     return [AttackStep("pgd", "pgd_acc", env.eps, run)]
 
 
-@register_attack("cw")
+@register_attack("cw", MetricSpec("cw", "CW", role="attack", robust=True, at_most=(_MULTISTEP,)))
 def _cw(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     s = e.cw_settings
 
@@ -90,7 +147,10 @@ def _cw(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     return [AttackStep("cw", "cw_acc", env.eps, run)]
 
 
-@register_attack("autoattack")
+@register_attack("autoattack", MetricSpec(
+    "autoattack", "AutoAttack", role="attack", robust=True,
+    at_most=(_MULTISTEP, AtMost("pgd", "autoattack_weaker_than_pgd", _AA_WHY),
+             AtMost("cw", "autoattack_weaker_than_pgd", _AA_WHY))))
 def _autoattack(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     # One pyautoattack object for every component and batch: built once, never rebuilt.
     aa = build_autoattack(env.model, e.autoattack, eps=env.eps, seed=env.seed, device=env.device)
@@ -126,5 +186,5 @@ def sweep_steps(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
 
 def plan_steps(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     """Every step of one evaluation, in run order: the listed attacks, then the eps sweep."""
-    steps = [st for name in e.attacks for st in EVAL_ATTACKS.get(name)(e, env)]
+    steps = [st for name in e.attacks for st in EVAL_ATTACKS.get(name).build(e, env)]
     return steps + sweep_steps(e, env)

@@ -1,6 +1,7 @@
 """Red flags for gradient masking (Carlini et al. 2019, "On evaluating adversarial robustness").
 
-Orderings that hold for an honest evaluation of a model without masked gradients:
+Orderings that hold for an honest evaluation of a model without masked gradients (each
+attack declares its own in its registration, `MetricSpec.at_most`; these are the built-in ones):
 
 * multistep_weaker_than_fgsm: PGD, CW and AutoAttack (many steps) leave at most
   FGSM's (one step) accuracy.
@@ -18,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-LABELS = {"fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "autoattack": "AutoAttack"}
+from .metric_spec import MetricSpec
+from .registry import attack_metrics
 
 
 @dataclass(frozen=True)
@@ -31,20 +33,27 @@ class SanityReport:
         return [name for name, on in self.flags.items() if on]
 
 
-def check_attack_order(acc: Mapping[str, float], tol: float) -> SanityReport:
-    """acc: attack name ('fgsm', 'pgd', 'cw', 'autoattack') -> independent accuracy (fraction)."""
+def check_attack_order(acc: Mapping[str, float], tol: float,
+                       specs: Sequence[MetricSpec] | None = None) -> SanityReport:
+    """acc: attack name ('fgsm', 'pgd', ...) -> independent accuracy (fraction). The orderings are the
+    attacks' declared `at_most` checks (default: every registered attack's); a flag is made when at
+    least one of its pairs was measured."""
+    specs = attack_metrics() if specs is None else list(specs)
+    labels = {m.key: m.label for m in specs}
     flags: dict[str, bool] = {}
     messages: list[str] = []
-    if "fgsm" in acc and any(k in acc for k in ("pgd", "cw", "autoattack")):
-        bad = [k for k in ("pgd", "cw", "autoattack") if k in acc and acc[k] > acc["fgsm"] + tol]
-        flags["multistep_weaker_than_fgsm"] = bool(bad)
-        messages += [f"{LABELS[k]} accuracy {acc[k]:.4f} > FGSM accuracy {acc['fgsm']:.4f} (+{acc[k] - acc['fgsm']:.4f}):"
-                     " a multi-step attack weaker than one step suggests gradient masking" for k in bad]
-    if "autoattack" in acc and any(k in acc for k in ("pgd", "cw")):
-        bad = [k for k in ("pgd", "cw") if k in acc and acc["autoattack"] > acc[k] + tol]
-        flags["autoattack_weaker_than_pgd"] = bool(bad)
-        messages += [f"AutoAttack accuracy {acc['autoattack']:.4f} > {LABELS[k]} accuracy {acc[k]:.4f} "
-                     f"(+{acc['autoattack'] - acc[k]:.4f}): AutoAttack should be the stronger attack" for k in bad]
+    checks: dict[str, list[tuple[str, str, str]]] = {}   # flag -> (stronger, weaker, why), declaration order
+    for m in specs:
+        for rule in m.at_most:
+            checks.setdefault(rule.flag, []).append((m.key, rule.weaker, rule.why))
+    for flag, pairs in checks.items():
+        made = [(k, w, why) for k, w, why in pairs if k in acc and w in acc]
+        if not made:
+            continue
+        bad = [(k, w, why) for k, w, why in made if acc[k] > acc[w] + tol]
+        flags[flag] = bool(bad)
+        messages += [f"{labels[k]} accuracy {acc[k]:.4f} > {labels[w]} accuracy {acc[w]:.4f} "
+                     f"(+{acc[k] - acc[w]:.4f}): {why}" for k, w, why in bad]
     return SanityReport(flags, messages)
 
 

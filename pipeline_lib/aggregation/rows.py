@@ -1,7 +1,8 @@
-"""From per-model metrics to the comparison: robust metric choice, NRR, ARDist, sweep mean gaps.
+"""The comparison's typed rows and how they are computed: robust metric choice, NRR, ARDist, sweep mean gaps.
 
-Pure computation (no files): `build_summary` returns a `Summary` that table.py,
-plot.py and the MLflow logging all read, so the three always show the same numbers.
+Pure computation (no files): `build_summary` returns a `Summary` of `ModelRow`s that table.py,
+plot.py and the MLflow logging all read, so the three always show the same numbers. A row's
+numeric columns are the declared ones (columns.py), so a registered attack has its column here.
 """
 
 from __future__ import annotations
@@ -11,27 +12,49 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..corruption.mce import REFERENCE as CORRUPTION_REFERENCE
 from ..corruption.mce import relative_to_reference
 from ..stats import bootstrap_indices
 from .ardist import ardist_bootstrap, mean_gap, signed_distance
+from .columns import NRR_OF, by_key, eval_columns, interval_columns, numeric_columns
 from .comparisons import Comparison, compare_models
-from .config import MODEL_METRICS, AggregateParams
+from .config import AggregateParams
 from .curve import CurveFitError, TradeoffCurve, fit_tradeoff_curve
 from .frontier import FrontierCurve, fit_frontier
-from .metrics_io import EVAL_KEYS, ModelMetrics
+from .metrics_io import ModelMetrics
 from .nrr import nrr
 from .records import Correctness
 from .references import ReferencePoint, own_points, published_points
 
 log = logging.getLogger(__name__)
 
-# Per-model numeric columns, in table order (all accuracies in percent).
-NUMERIC_COLUMNS: tuple[str, ...] = MODEL_METRICS
-ROBUST_LABELS = {"autoattack": "AutoAttack", "worst_case": "worst case over attacks", "cw": "CW",
-                 "pgd": "PGD", "fgsm": "FGSM"}
+
+@dataclass
+class ModelRow:
+    """One model's line of the comparison."""
+
+    model: str
+    objective: str
+    robust_metric: str | None            # the column `robust` copies; None when the model has no robust metric
+    values: dict[str, float | None]      # every numeric column (columns.numeric_columns(), in order); None = blank
+    role: Literal["reference", "method"] = "method"
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)   # 95 % bounds per column, points
+
+    @property
+    def clean(self) -> float:
+        value = self.values["clean"]
+        assert value is not None   # the metrics reader refuses a model without clean accuracy
+        return value
+
+    @property
+    def robust(self) -> float | None:
+        return self.values["robust"]
+
+    @property
+    def ardist(self) -> float | None:
+        return self.values["ardist"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +69,7 @@ class SweepResult:
 
 @dataclass
 class Summary:
-    # one per model: model, objective, role, NUMERIC_COLUMNS, robust_metric and ci {column: (lo, hi)}
-    rows: list[dict[str, Any]]
+    rows: list[ModelRow]                       # one per model, in evaluate.models order
     robust_metric: str | None                  # the run-wide robust metric, None if models differ
     reference_mode: str
     reference_points: list[ReferencePoint]
@@ -61,12 +83,13 @@ class Summary:
     # model -> column -> (mean, sample std) over the training seeds; empty with one seed
     seed_stats: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
-    def pgd_label(self) -> str:
-        steps = self.context.get("pgd_steps")
-        return f"PGD-{steps}" if isinstance(steps, int) else "PGD"
+    def column_label(self, key: str) -> str:
+        """A column's header, qualified by the run's context (PGD -> PGD-20)."""
+        return by_key()[key].title(self.context)
 
     def metric_label(self, metric: str) -> str:
-        return self.pgd_label() if metric == "pgd" else ROBUST_LABELS[metric]
+        """A robust metric's name as the table's notes and the plot's axis say it."""
+        return by_key()[metric].robust_title(self.context)
 
     def robust_label(self) -> str:
         return "best available per model" if self.robust_metric is None else self.metric_label(self.robust_metric)
@@ -91,7 +114,7 @@ def _context(models: Sequence[ModelMetrics], dataset: str | None, arch: str | No
     return ctx
 
 
-def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, Mapping[str, Any]],
+def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, ModelRow],
                 reference: FrontierCurve | None, family: str) -> list[SweepResult]:
     """One SweepResult per objective with 2+ instances (a knob swept), in first-appearance order."""
     groups: dict[str, list[str]] = {}
@@ -101,7 +124,7 @@ def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, Mapping[str, 
     for objective, names in groups.items():
         if len(names) < 2:
             continue
-        pts = [(rows[n]["clean"], rows[n]["robust"]) for n in names if rows[n]["robust"] is not None]
+        pts = [(rows[n].clean, rows[n].robust) for n in names if rows[n].robust is not None]
         try:
             curve = fit_tradeoff_curve([p[0] for p in pts], [p[1] for p in pts], family)  # type: ignore[arg-type]
         except CurveFitError as exc:
@@ -119,13 +142,16 @@ def _fit_sweeps(models: Sequence[ModelMetrics], rows: Mapping[str, Mapping[str, 
     return out
 
 
-def _model_row(mm: ModelMetrics, metric: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": mm.name, "objective": mm.objective, **{c: mm.acc.get(c) for c in EVAL_KEYS},
-                           "robust": mm.acc.get(metric) if metric else None, "robust_metric": metric,
-                           "corruption": mm.corruption, "mce_std": None, "train_time_s": mm.train_time_s}
-    row["nrr_aa"] = nrr(row["clean"], row["autoattack"]) if row["autoattack"] is not None else None
-    row["nrr_cw"] = nrr(row["clean"], row["cw"]) if row["cw"] is not None else None
-    return row
+def _model_row(mm: ModelMetrics, metric: str | None) -> ModelRow:
+    values: dict[str, float | None] = dict.fromkeys(numeric_columns())
+    values.update({c: mm.acc.get(c) for c in eval_columns()})
+    values.update(robust=mm.acc.get(metric) if metric else None, corruption=mm.corruption,
+                  train_time_s=mm.train_time_s)
+    clean = values["clean"]
+    for col, attack in NRR_OF.items():
+        rob = values.get(attack)
+        values[col] = nrr(clean, rob) if rob is not None and clean is not None else None
+    return ModelRow(mm.name, mm.objective, metric, values)
 
 
 def _mce_vs_standard(models: Sequence[ModelMetrics], notes: list[str]) -> dict[str, float | None]:
@@ -145,12 +171,12 @@ def _mce_vs_standard(models: Sequence[ModelMetrics], notes: list[str]) -> dict[s
     return {n: None if r["mce_vs_standard"] is None else 100.0 * r["mce_vs_standard"] for n, r in rel.items()}
 
 
-def _reference_points(ap: AggregateParams, rows: Mapping[str, Mapping[str, Any]], run_metric: str | None,
+def _reference_points(ap: AggregateParams, rows: Mapping[str, ModelRow], run_metric: str | None,
                       dataset: str | None, arch: str | None, notes: list[str]) -> list[ReferencePoint]:
     """The points the reference curve goes through; appends a note when they are not comparable to the run."""
     if ap.reference != "published":   # own, models: points measured in this run
-        return own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
-                          {n: r["robust"] for n, r in rows.items()})
+        return own_points(ap.reference_models, {n: r.clean for n, r in rows.items()},
+                          {n: r.robust for n, r in rows.items()})
     points = published_points(ap.published_table, ap.reference_models, ap.published_sources)
     if run_metric != "autoattack":
         notes.append(f"the published reference points are AutoAttack accuracies but this run compares on "
@@ -162,24 +188,24 @@ def _reference_points(ap: AggregateParams, rows: Mapping[str, Mapping[str, Any]]
     return points
 
 
-def _intervals(models: Sequence[ModelMetrics], rows: Mapping[str, dict[str, Any]], ap: AggregateParams,
+def _intervals(models: Sequence[ModelMetrics], rows: Mapping[str, ModelRow], ap: AggregateParams,
                points: Sequence[ReferencePoint], curve: FrontierCurve | None,
                correctness: Mapping[str, Correctness]) -> None:
-    """rows[m]["ci"]: the 95 % bounds of every column that has them; ARDist's by a joint bootstrap over
+    """rows[m].ci: the 95 % bounds of every column that has them; ARDist's by a joint bootstrap over
     test examples when every model (and, with own references, every reference) has its record."""
     for mm in models:
         row = rows[mm.name]
-        row["ci"] = dict(mm.ci)
-        if row["robust_metric"] in mm.ci:
-            row["ci"]["robust"] = mm.ci[row["robust_metric"]]
-    have = {n: (c["clean"], c[rows[n]["robust_metric"]]) for n, c in correctness.items()
-            if n in rows and rows[n]["robust_metric"] in c}
+        row.ci = dict(mm.ci)
+        if row.robust_metric in mm.ci:
+            row.ci["robust"] = mm.ci[row.robust_metric]
+    have = {n: (c["clean"], c[rows[n].robust_metric]) for n, c in correctness.items()   # type: ignore[index]
+            if n in rows and rows[n].robust_metric in c}
     refs = [p.method for p in points] if ap.reference != "published" else None
     if curve is None or not have or (refs is not None and not set(refs) <= set(have)):
         return
     idx = bootstrap_indices(len(next(iter(have.values()))[0]))
     for n, bounds in ardist_bootstrap(have, refs, None if refs is not None else curve, idx).items():
-        rows[n]["ci"]["ardist"] = bounds
+        rows[n].ci["ardist"] = bounds
 
 
 @dataclass(frozen=True)
@@ -191,29 +217,27 @@ class Replicate:
     correctness: dict[str, Correctness] = field(default_factory=dict)
 
 
-SEED_COLUMNS: tuple[str, ...] = (*EVAL_KEYS, "robust", "ardist", "corruption")
-
-
-def _seed_rows(models: Sequence[ModelMetrics], ap: AggregateParams, metric: str | None) -> dict[str, dict[str, Any]]:
+def _seed_rows(models: Sequence[ModelMetrics], ap: AggregateParams, metric: str | None) -> dict[str, ModelRow]:
     """One seed's rows: accuracies, the robust metric and ARDist against that seed's own reference frontier."""
     rows = {mm.name: _model_row(mm, metric if metric in mm.acc else None) for mm in models}
-    pts = own_points(ap.reference_models, {n: r["clean"] for n, r in rows.items()},
-                     {n: r["robust"] for n, r in rows.items()}) if ap.reference != "published" else \
+    pts = own_points(ap.reference_models, {n: r.clean for n, r in rows.items()},
+                     {n: r.robust for n, r in rows.items()}) if ap.reference != "published" else \
         published_points(ap.published_table, ap.reference_models, ap.published_sources)
     curve = fit_frontier([p.standard for p in pts], [p.robust for p in pts]) if pts else None
     for r in rows.values():
-        r["ardist"] = signed_distance(curve, r["clean"], r["robust"]) if curve and r["robust"] is not None else None
+        r.values["ardist"] = signed_distance(curve, r.clean, r.robust) if curve and r.robust is not None else None
     return rows
 
 
-def _seed_stats(first: Mapping[str, Mapping[str, Any]], replicates: Sequence[Replicate], ap: AggregateParams,
+def _seed_stats(first: Mapping[str, ModelRow], replicates: Sequence[Replicate], ap: AggregateParams,
                 metric: str | None) -> dict[str, dict[str, tuple[float, float]]]:
-    """model -> column -> (mean, sample std) over the first seed's rows and every replicate that has the model."""
+    """model -> column -> (mean, sample std) over the first seed's rows and every replicate that has the model;
+    the columns with an interval (sampling noise) get the spread between trainings too."""
     per_seed = [first] + [_seed_rows(r.models, ap, metric) for r in replicates]
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for name in first:
-        for col in SEED_COLUMNS:
-            vals = [rows[name][col] for rows in per_seed if name in rows and rows[name][col] is not None]
+        for col in interval_columns():
+            vals = [v for rows in per_seed if name in rows and (v := rows[name].values[col]) is not None]
             if len(vals) >= 2:
                 out.setdefault(name, {})[col] = (float(np.mean(vals)), float(np.std(vals, ddof=1)))
     return out
@@ -262,12 +286,12 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
     # references: the run's own models (own) or the listed evaluated ones, imported included (models)
     ref_names = {p.method for p in points} if ap.reference != "published" else set()
     for n, row in rows.items():
-        row["role"] = "reference" if n in ref_names else "method"
-        row["ardist"] = (signed_distance(curve, row["clean"], row["robust"])
-                         if curve is not None and row["robust"] is not None else None)
+        row.role = "reference" if n in ref_names else "method"
+        row.values["ardist"] = (signed_distance(curve, row.clean, row.robust)
+                                if curve is not None and row.robust is not None else None)
 
     for n, mce in _mce_vs_standard(models, notes).items():
-        rows[n]["mce_std"] = mce
+        rows[n].values["mce_std"] = mce
 
     correctness = correctness or {}
     _intervals(models, rows, ap, points, curve, correctness)
@@ -278,9 +302,7 @@ def build_summary(models: Sequence[ModelMetrics], ap: AggregateParams, dataset: 
     sweeps = _fit_sweeps(models, rows, curve, ap.curve)
     for note in notes:
         log.warning("%s", note)
-    ordered = [{k: rows[mm.name][k] for k in ("model", "objective", "role", *NUMERIC_COLUMNS, "robust_metric", "ci")}
-               for mm in models]
-    return Summary(rows=ordered, robust_metric=run_metric, reference_mode=ap.reference, reference_points=points,
+    return Summary(rows=[rows[mm.name] for mm in models], robust_metric=run_metric, reference_mode=ap.reference, reference_points=points,
                    curve=curve, curve_error=curve_error, sweeps=sweeps, context=_context(models, dataset, arch),
                    notes=notes, comparisons=comparisons,
                    seeds=[seed, *(r.seed for r in replicates)] if replicates else [], seed_stats=seed_stats)
@@ -291,11 +313,11 @@ def summary_metrics(s: Summary) -> dict[str, Any]:
     {"models": {model: {metric: value}}, "sweeps": {objective: {"mean_gap": value}}, "context": {...}}.
     Blank metrics are left out (absent, not null), so a metric that vanishes is visible to the gate.
     Rounded to 1e-4 points: the evaluate stage's float32 fractions carry noise below that (0.36000001)."""
-    models = {r["model"]: {c: round(float(r[c]), 4) for c in NUMERIC_COLUMNS if r[c] is not None} for r in s.rows}
+    models = {r.model: {c: round(float(v), 4) for c, v in r.values.items() if v is not None} for r in s.rows}
     sweeps = {sw.objective: {"mean_gap": round(sw.mean_gap, 4)} for sw in s.sweeps if sw.mean_gap is not None}
-    ctx = {**s.context, "robust_metric": s.robust_metric or {r["model"]: r["robust_metric"] for r in s.rows},
+    ctx = {**s.context, "robust_metric": s.robust_metric or {r.model: r.robust_metric for r in s.rows},
            "reference": s.reference_mode}
     # 95 % bounds apart from `models`, so the gate's per-metric rules never see them as metrics
-    ci95 = {r["model"]: {c: {"lo": round(lo, 4), "hi": round(hi, 4)} for c, (lo, hi) in r["ci"].items()}
-            for r in s.rows if r["ci"]}
+    ci95 = {r.model: {c: {"lo": round(lo, 4), "hi": round(hi, 4)} for c, (lo, hi) in r.ci.items()}
+            for r in s.rows if r.ci}
     return {"models": models, "sweeps": sweeps, "context": ctx, "ci95": ci95}
