@@ -166,7 +166,7 @@ def main(
     m = per_arch[p.model.arch]
     rows = []
     for name in names:
-        optim = p.pretrain.optim if name == "standard" else p.resolve(name).optim
+        optim = p.pretrain.optim if name == "standard" else p.method[name].merged_optim(p.finetune.optim)
         steps = optim.epochs * (get_spec(dataset).train_size // optim.batch_size)
         total = steps * optim.batch_size * per_step[name]
         rows.append({"stage": "pretrain" if name == "standard" else f"finetune@{name}", "epochs": optim.epochs,

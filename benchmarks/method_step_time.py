@@ -33,13 +33,15 @@ from rich.table import Table
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipeline_lib.config import AttackParams, Params, ParamsError, load_params
+from pipeline_lib.attacks.training import AttackParams, training_attack
+from pipeline_lib.config import Params, ParamsError, load_params
 from pipeline_lib.data import BatchLoader, get_spec, load_train
 from pipeline_lib.io import write_json
 from pipeline_lib.methods import OBJECTIVES, Objective, ObjectiveContext, build_objective
 from pipeline_lib.models import build_model
 from pipeline_lib.runtime import configure_determinism, resolve_device, seed_everything
 from pipeline_lib.schema import StrictModel
+from pipeline_lib.training import finetune_job
 
 REFERENCE = "standard"
 console = Console()
@@ -60,11 +62,10 @@ class Bench:
 def method_setting(p: Params, name: str) -> tuple[str, StrictModel | None, AttackParams]:
     """(objective, params or None for defaults, training attack) of a finetune instance or objective name."""
     if name in p.method:
-        r = p.resolve(name)
-        return r.objective, r.params, r.attack
+        job = finetune_job(name, p.method[name], p.finetune.optim, p.threat)
+        return job.objective, job.objective_params, job.attack
     if name in OBJECTIVES:
-        attack = AttackParams(eps=p.threat.eps, step_size=p.threat.train_step_size, steps=p.threat.train_steps)
-        return name, None, attack
+        return name, None, training_attack(p.threat)
     raise typer.BadParameter(f"{name!r} is neither a registered objective ({', '.join(OBJECTIVES.names())}) "
                              f"nor a finetune instance of the params file ({', '.join(sorted(p.method))})")
 

@@ -190,6 +190,20 @@ def check_model_name(meta: dict[str, Any], name: str, path: str | Path, *, allow
                           "--allow-name-mismatch to do this on purpose")
 
 
+def load_for_run(path: str | Path, device: str | torch.device, *, dataset: str, name: str | None = None,
+                 allow_name_mismatch: bool = False, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model at `path` on `device` and its meta, as every stage reads a checkpoint: trained as `name`
+    (unless allow_name_mismatch), on the run's `dataset` and, when given, as `arch`; else CheckpointError."""
+    model, meta = load_model(path, device)
+    if name is not None:
+        check_model_name(meta, name, path, allow=allow_name_mismatch)
+    if meta["dataset"] != dataset or (arch is not None and meta["arch"] != arch):
+        asked = f"model.arch={arch} on " if arch is not None else ""
+        raise CheckpointError(f"{path} holds {meta['arch']} on {meta['dataset']}, but params ask for {asked}"
+                              f"data.dataset={dataset}", "pass the matching checkpoint or change the params")
+    return model, meta
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -1,10 +1,14 @@
 """Typed, validated params: `load_params("params.yaml") -> Params`.
 
-Every section is a strict pydantic model: unknown keys, unknown names
-(dataset, model, objective), out-of-range values and inconsistent
-cross-references fail here with a message naming the key and the bad value,
-before a stage loads any data. Sections mirror params.yaml one to one so that
-DVC can depend on exactly the keys a stage reads.
+Every section is a strict pydantic model: unknown keys, unknown dataset names,
+out-of-range values and inconsistent cross-references fail here with a message
+naming the key and the bad value, before a stage loads any data. Sections mirror
+params.yaml one to one so that DVC can depend on exactly the keys a stage reads.
+
+This module imports no subsystem that pulls in torch (the sections it composes live in
+torch-free `config` modules of their packages): what only a registry knows, a model
+architecture and a method's objective and params, is checked by the registries themselves
+(`pipeline_lib.registered.check_registered`), which the stages call on the loaded params.
 """
 
 from __future__ import annotations
@@ -19,12 +23,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .aggregation.config import AggregateParams
 from .corruption.config import CorruptionParams
 from .data.spec import SPECS, known_dataset
-from .evaluation.config import EvaluateParams, PGDEvalParams  # noqa: F401 - the evaluate section
+from .evaluation.config import EvaluateParams
 from .external.config import ExternalModel, check_names
 from .schema import StrictModel
 from .errors import UserError
-
-Fraction = float
 
 
 class RuntimeParams(StrictModel):
@@ -112,29 +114,12 @@ class DataParams(StrictModel):
 
 
 class ModelParams(StrictModel):
-    arch: str
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        from .models import known_arch
-
-        return known_arch(v)
-
-
-class AttackParams(StrictModel):
-    """L-inf PGD used to make training examples. eps/step in pixel units of [0, 1] images."""
-
-    eps: float = Field(gt=0, le=1)
-    step_size: float = Field(gt=0, le=1)
-    steps: int = Field(ge=1, le=1000)
-    random_start: bool = True
-    # Mode the model is in while the attack runs: 'eval' (TRADES/MART/CURE code) or
-    # 'train' (BN batch statistics, as AR-AT's official code does through the adv BN).
-    bn_mode: Literal["eval", "train"] = "eval"
+    arch: str   # a registered architecture: checked against the model registry (pipeline_lib.registered)
 
 
 class AttackOverride(StrictModel):
+    """A method's changes to the training attack built from `threat` (pipeline_lib.attacks.training)."""
+
     step_size: float | None = Field(default=None, gt=0, le=1)
     steps: int | None = Field(default=None, ge=1, le=1000)
     random_start: bool | None = None
@@ -199,7 +184,15 @@ class MethodSpec(StrictModel):
     init: Literal["pretrained", "scratch"] = "pretrained"
     optim: OptimOverride = OptimOverride()
     attack: AttackOverride = AttackOverride()
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)   # validated by the objective's registry entry
+
+    def objective_of(self, name: str) -> str:
+        """The registered objective of instance `name`."""
+        return self.objective or name
+
+    def merged_optim(self, defaults: OptimParams) -> OptimParams:
+        """finetune.optim with this instance's optim overrides, key by key."""
+        return OptimParams.model_validate({**defaults.model_dump(), **self.optim.model_dump(exclude_none=True)})
 
 
 class FinetuneParams(StrictModel):
@@ -231,8 +224,6 @@ class Params(StrictModel):
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Params:
-        from .methods import OBJECTIVES
-
         for name in self.finetune.methods:
             if name not in self.method:
                 raise ValueError(f"finetune.methods lists {name!r} but method.{name} is not defined; "
@@ -240,20 +231,11 @@ class Params(StrictModel):
         if len(set(self.finetune.methods)) != len(self.finetune.methods):
             raise ValueError(f"finetune.methods has duplicates: {self.finetune.methods}")
         for name, spec in self.method.items():
-            objective = spec.objective or name
-            if objective not in OBJECTIVES:
-                raise ValueError(f"method.{name}: unknown objective {objective!r}; "
-                                 f"registered: {', '.join(OBJECTIVES.names())}")
             try:
-                OBJECTIVES.get(objective).Params.model_validate(spec.params)
+                optim = spec.merged_optim(self.finetune.optim)
             except ValidationError as exc:
-                raise ValueError(f"method.{name}.params: {_format_errors(exc)}") from None
-            try:
-                resolved = self.resolve(name)  # validates the merged optim / attack settings
-            except ValidationError as exc:
-                raise ValueError(f"method.{name} (merged with finetune.optim and threat): "
-                                 f"{_format_errors(exc)}") from None
-            self._check_batch_size(f"method.{name}.optim", resolved.optim.batch_size)
+                raise ValueError(f"method.{name} (merged with finetune.optim): {format_errors(exc)}") from None
+            self._check_batch_size(f"method.{name}.optim", optim.batch_size)
         self._check_batch_size("pretrain.optim", self.pretrain.optim.batch_size)
         test_size = SPECS[self.data.dataset].test_size
         if self.evaluate.n_eval > test_size:
@@ -285,38 +267,12 @@ class Params(StrictModel):
         if batch_size > n:
             raise ValueError(f"{where}.batch_size={batch_size} exceeds the {n} training images (data.n_train)")
 
-    def resolve(self, name: str) -> ResolvedMethod:
-        """The fully merged settings of finetune instance `name`."""
-        if name not in self.method:
-            raise KeyError(f"unknown method instance {name!r}; defined: {', '.join(sorted(self.method))}")
-        from .methods import OBJECTIVES
-
-        spec = self.method[name]
-        objective = spec.objective or name
-        optim = OptimParams.model_validate(
-            {**self.finetune.optim.model_dump(), **spec.optim.model_dump(exclude_none=True)})
-        attack = AttackParams.model_validate({
-            "eps": self.threat.eps, "step_size": self.threat.train_step_size, "steps": self.threat.train_steps,
-            **spec.attack.model_dump(exclude_none=True)})
-        params = OBJECTIVES.get(objective).Params.model_validate(spec.params)
-        return ResolvedMethod(name=name, objective=objective, init=spec.init, optim=optim, attack=attack,
-                              params=params)
-
-
-class ResolvedMethod(StrictModel):
-    name: str
-    objective: str
-    init: Literal["pretrained", "scratch"]
-    optim: OptimParams
-    attack: AttackParams
-    params: Any
-
 
 class ParamsError(UserError, ValueError):
     """Raised for an invalid params file; the message names each bad key and value."""
 
 
-def _format_errors(exc: ValidationError) -> str:
+def format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -335,7 +291,7 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(f"{source}: {_format_errors(exc)}") from None
+        raise ParamsError(f"{source}: {format_errors(exc)}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

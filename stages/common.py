@@ -20,9 +20,13 @@ ALLOW_NAME_MISMATCH = typer.Option(False, "--allow-name-mismatch",
 
 def load_or_exit(path: Path) -> Params:
     """Validate the params file before any work; print the named bad values and exit 2 on error."""
+    from pipeline_lib.registered import check_registered   # the registries import torch: only when a stage runs
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return load_params(path)
+        p = load_params(path)
+        check_registered(p, str(path))
+        return p
     except ParamsError as exc:
         console.print(f"[bold red]invalid params[/]: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from pipeline_lib.config import Params
 
 from pipeline_lib.io import check_writable
 
 from .common import ALLOW_NAME_MISMATCH, PARAMS_OPTION, console, fail, load_or_exit
+
+
+def build_set(p: Params, out: Path, samples: Path) -> dict[str, Any]:
+    """The corrupt stage's work with the params sections it reads."""
+    from pipeline_lib.corruption.build_set import build_corrupted_set
+
+    return build_corrupted_set(out, samples, corruption=p.corruption, data=p.data, runtime=p.runtime,
+                               experiment=p.mlflow.experiment)
+
+
+def score(p: Params, name: str, model: Path, set_dir: Path, metrics: Path, heatmap: Path, *,
+          allow_name_mismatch: bool = False) -> dict[str, Any]:
+    """The corruption@<name> stage's work with the params sections it reads."""
+    from pipeline_lib.corruption.job import run_corruption_eval
+
+    return run_corruption_eval(name, model, set_dir, metrics, heatmap, corruption=p.corruption, data=p.data,
+                               runtime=p.runtime, experiment=p.mlflow.experiment,
+                               allow_name_mismatch=allow_name_mismatch)
 
 
 def corrupt(
@@ -17,12 +38,10 @@ def corrupt(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Generate the corrupted test set (any dataset) or fetch the released CIFAR-10-C / CIFAR-100-C."""
-    from pipeline_lib.corruption.build_set import build_corrupted_set
-
     p = load_or_exit(params)
     check_writable(out / "manifest.json", samples)
     try:
-        result = build_corrupted_set(p, out, samples)
+        result = build_set(p, out, samples)
     except ValueError as exc:   # the set builder's checks of params against the data
         raise fail(str(exc)) from None
     skipped = ", ".join(f"{m} ({r})" for m, r in result["skipped"].items()) or "none"
@@ -41,10 +60,8 @@ def corruption(
     allow_name_mismatch: bool = ALLOW_NAME_MISMATCH,
 ) -> None:
     """Accuracy on every corruption x severity, the mean corruption accuracy and a heatmap."""
-    from pipeline_lib.corruption.eval_job import run_corruption_eval
-
     p = load_or_exit(params)
     check_writable(metrics, heatmap)
-    result = run_corruption_eval(p, name, model, data, metrics, heatmap, allow_name_mismatch=allow_name_mismatch)
+    result = score(p, name, model, data, metrics, heatmap, allow_name_mismatch=allow_name_mismatch)
     console.print(f"corruption@{name}: clean_acc={result['clean_acc']:.4f} "
                   f"mean_corruption_acc={result['mean_corruption_acc']:.4f}")

@@ -56,11 +56,11 @@ def profile(
             source = f"{base_file} + {' + '.join(names)}"
         else:  # the default: conf/base.yaml's text, comments kept
             text = default_params_text(base_file)
-            parse_params(yaml.safe_load(text), str(base_file))
+            _validate(yaml.safe_load(text), str(base_file))
             write_text(out, text)
             console.print(f"wrote {out} = the default params ({base_file})")
             return
-        parse_params(composed, source)
+        _validate(composed, source)
     except KeyError as exc:  # str(KeyError) would wrap the message in quotes
         raise fail(str(exc.args[0])) from None
     except (OSError, yaml.YAMLError, ValueError) as exc:  # ParamsError and ProfileError are ValueErrors
@@ -69,6 +69,13 @@ def profile(
               "# Generated from conf/: edit conf/ (the source), not this file; `arpipe profile` restores the default.\n")
     write_text(out, header + dump(composed))
     console.print(f"wrote {out} = {source}")
+
+
+def _validate(raw: object, source: str) -> None:
+    """The params every stage would accept: the schema, then what only the registries know."""
+    from pipeline_lib.registered import check_registered   # the registries import torch
+
+    check_registered(parse_params(raw, source), source)
 
 
 def _check(params_file: Path, conf_dir: Path) -> None:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import astuple
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -21,6 +22,9 @@ from pipeline_lib.io import check_writable
 from pipeline_lib.runtime import resolve_device
 
 from .common import PARAMS_OPTION, console, fail, load_or_exit
+
+if TYPE_CHECKING:
+    from pipeline_lib.training import TrainJob, TrainOutputs
 
 STATE_DIR = Path("cache/train_state")  # resumable state, outside DVC's outputs so a rerun can resume
 
@@ -54,6 +58,14 @@ def interrupt_hint(stage: str, out: Path, state: Path, tracked: tuple[Path, ...]
         raise typer.Exit(130) from None
 
 
+def train(p: Params, job: TrainJob, outputs: TrainOutputs, pretrained: Path | None = None) -> dict[str, Any]:
+    """Run `job` with the sections of `p` training reads (data, model, seed, runtime, mlflow)."""
+    from pipeline_lib.training import run_training   # looked up when called: tests replace it
+
+    return run_training(job, outputs, data=p.data, model=p.model, seed=p.seed, runtime=p.runtime,
+                        experiment=p.mlflow.experiment, pretrained=pretrained)
+
+
 SEED_OPTION = typer.Option(None, help="training seed instead of params' `seed` (a replicate; see `replicates`)")
 
 
@@ -74,14 +86,14 @@ def pretrain(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Standard training of the base model every method starts from."""
-    from pipeline_lib.training import TrainOutputs, pretrain_job, run_training
+    from pipeline_lib.training import TrainOutputs, pretrain_job
 
     p, tag = with_seed(load_or_exit(params), seed)
     outputs = TrainOutputs(out, metrics, history, STATE_DIR / f"pretrain{tag}.pt")
     check_writable(*astuple(outputs))
     relaunch_if_asked(p, f"pretrain{tag}")
     with interrupt_hint(f"pretrain_rep@{seed}" if tag else "pretrain", out, outputs.state, (metrics, history)):
-        result = run_training(p, pretrain_job(p), outputs)
+        result = train(p, pretrain_job(p.pretrain.optim, p.threat), outputs)
     if distributed.is_main_process():
         console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
 
@@ -96,12 +108,12 @@ def finetune(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train one method instance (from the pretrained model or from scratch, as its params say)."""
-    from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained, run_training
+    from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained
 
     p, tag = with_seed(load_or_exit(params), seed)
     if method not in p.method:
         raise fail(f"unknown method {method!r}; params define: {', '.join(sorted(p.method))}")
-    job = finetune_job(p, method)
+    job = finetune_job(method, p.method[method], p.finetune.optim, p.threat)
     if needs_pretrained(job) and not pretrained.exists():
         raise fail(f"finetune@{method} starts from or distils the pretrained model, but {pretrained} does not "
                    "exist; run `dvc repro pretrain` (or `arpipe pretrain`) first")
@@ -110,6 +122,6 @@ def finetune(
     relaunch_if_asked(p, f"finetune@{method}{tag}")
     with interrupt_hint(f"finetune_rep@{seed}-{method}" if tag else f"finetune@{method}", out, outputs.state,
                         (metrics, history)):
-        result = run_training(p, job, outputs, pretrained=pretrained)
+        result = train(p, job, outputs, pretrained)
     if distributed.is_main_process():
         console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")

@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from pipeline_lib.config import AttackParams  # noqa: E402
+from pipeline_lib.attacks.training import AttackParams  # noqa: E402
 from pipeline_lib.data import get_spec  # noqa: E402
 from pipeline_lib.methods import ObjectiveContext  # noqa: E402
 from pipeline_lib.models import build_model  # noqa: E402

@@ -22,7 +22,8 @@ from pipeline_lib.io import read_json
 from pipeline_lib.methods import build_objective
 from pipeline_lib.models import build_model
 from pipeline_lib.runtime import autocast, check_amp
-from pipeline_lib.training import TrainOutputs, fit, pretrain_job, run_training
+from pipeline_lib.training import TrainOutputs, fit, pretrain_job
+from stages.train import train
 
 OPTIM = OptimParams(epochs=1, batch_size=16, lr=0.05)
 
@@ -128,7 +129,7 @@ def test_training_stage_with_every_fast_path_on_cpu(tmp_path: Path) -> None:
                                                 "num_workers": 2, "device": "cpu", "progress": False},
                     pretrain={"optim": {"epochs": 1, "batch_size": 32, "milestones": []}})
     out = TrainOutputs(tmp_path / "m.pt", tmp_path / "m.json", tmp_path / "h.csv", tmp_path / "state.pt")
-    metrics = run_training(p, pretrain_job(p), out)
+    metrics = train(p, pretrain_job(p.pretrain.optim, p.threat), out)
     assert read_json(out.metrics) == metrics and metrics["world_size"] == 1
     assert math.isfinite(metrics["train_loss"]) and 0 <= metrics["val_clean_acc"] <= 1
     assert out.checkpoint.exists() and not out.state.exists()

@@ -34,8 +34,10 @@ ALLOW = {
 # and dependency (all of pipeline_lib): the closure does not follow config.py's imports. The stages
 # that read a section depend on that section's module (evaluation/config.py, corruption/config.py,
 # aggregation/config.py) through their folders, and the training stages on config.py itself
-# (resolve() merges each method's settings); for the evaluation stages config.py is only the schema.
-SCHEMA = frozenset({"pipeline_lib/config.py"})
+# (MethodSpec merges each method's optim); for the evaluation stages config.py is only the schema.
+# pipeline_lib/registered.py is the rest of that validation (model names and method params, which only
+# the registries know): the same holds for it.
+SCHEMA = frozenset({"pipeline_lib/config.py", "pipeline_lib/registered.py"})
 SCHEMA_ONLY_STAGES = ("evaluate", "corrupt", "corruption", "aggregate")
 # Reached through pipeline_lib/methods' plugin discovery, never run by pretraining (it builds only
 # the standard objective). tests/test_pipeline_dvc.py checks editing cure.py does not retrain pretrain.
@@ -59,11 +61,21 @@ def _package(file: Path) -> str:
 
 def _imports(file: Path, function: str | None = None) -> set[str]:
     """Project modules `file` imports anywhere (module and function level), absolute names; with
-    `function`, only its module-level imports and those inside that function (a stage's command)."""
+    `function`, only its module-level imports and those inside that function (a stage's command) and
+    inside the module's functions it calls."""
     tree: ast.AST = ast.parse(file.read_text(encoding="utf-8"))
-    if function is not None:
-        body = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]
-        body += [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    if function is not None:   # that function, and the module's functions it calls (transitively)
+        module = tree
+        defs = {n.name: n for n in module.body if isinstance(n, ast.FunctionDef)}  # type: ignore[attr-defined]
+        reached, todo = set(), [function]
+        while todo:
+            name = todo.pop()
+            if name in reached or name not in defs:
+                continue
+            reached.add(name)
+            todo += [c.func.id for c in ast.walk(defs[name]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+        body = [n for n in module.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]  # type: ignore[attr-defined]
+        body += [defs[n] for n in sorted(reached)]
         tree = ast.Module(body=body, type_ignores=[])
     pkg = _package(file) if file.name == "__init__.py" else _package(file).rpartition(".")[0]
     found: set[str] = set()
@@ -141,5 +153,5 @@ def test_closure_follows_function_level_imports_and_plugin_discovery() -> None:
     """The test's own premise: train's closure holds what its commands import inside functions
     (the training package) and, through pipeline_lib/methods' pkgutil discovery, every method."""
     files = closure("stages.train:finetune")
-    assert {"pipeline_lib/training/jobs.py", "pipeline_lib/runtime.py", "pipeline_lib/methods/cure.py",
+    assert {"pipeline_lib/training/job.py", "pipeline_lib/runtime.py", "pipeline_lib/methods/cure.py",
             "pipeline_lib/__init__.py", "stages/__init__.py"} <= files

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ import pipeline_lib.training
 from datafiles import REPO, base_params_dict
 from pipeline_lib.config import ParamsError, load_params, parse_params
 from pipeline_lib.profiles import available, compose
+from pipeline_lib.registered import check_registered
+from pipeline_lib.training import finetune_job
 from stages.cli import app
 
 PROFILE_DIR = REPO / "conf" / "profile"
@@ -38,7 +43,7 @@ def _errors_of(mutate: Mutation) -> str:
     raw = copy.deepcopy(base_params_dict())
     mutate(raw)
     with pytest.raises(ParamsError) as info:
-        parse_params(raw, "params.yaml")
+        check_registered(parse_params(raw, "params.yaml"), "params.yaml")
     return str(info.value)
 
 
@@ -50,6 +55,7 @@ def test_committed_params_validate() -> None:
 @pytest.mark.parametrize("profile", available(PROFILE_DIR))
 def test_every_profile_composes_to_valid_params(profile: str) -> None:
     p = parse_params(base_params_dict(profile), f"params.yaml + {profile}")
+    check_registered(p, f"params.yaml + {profile}")
     overlay = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
     # The overlay's scalar settings win over params.yaml (spot-check the top-level sections it sets).
     for section, values in overlay.items():
@@ -100,6 +106,24 @@ def test_bad_params_are_named(case: str) -> None:
     assert message.startswith("params.yaml: ")
 
 
+def test_the_params_schema_imports_no_torch() -> None:
+    """config.py composes torch-free section modules: loading params costs no torch import (and cannot
+    hide an import circle with a subsystem). Planted check: the subprocess reports what it imported."""
+    code = "import sys, pipeline_lib.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+    assert out == "[]", out
+
+
+def test_registry_checks_name_the_key(tmp_path: Path) -> None:
+    """What only the registries know fails through check_registered with the key, the value and the names."""
+    raw = copy.deepcopy(base_params_dict())
+    raw["method"]["arrest"]["params"]["phi_deg"] = 500
+    p = parse_params(raw, "params.yaml")   # the schema alone does not know the objective's params
+    with pytest.raises(ParamsError, match=r"params.yaml: method.arrest.params: phi_deg: .*500"):
+        check_registered(p, "params.yaml")
+
+
 def test_a_top_level_list_is_rejected() -> None:
     with pytest.raises(ParamsError, match="expected a mapping"):
         parse_params([1, 2], "params.yaml")
@@ -120,11 +144,9 @@ def test_method_settings_merge_key_by_key() -> None:
     raw["method"][name]["optim"] = {"lr": 0.5}
     raw["method"][name]["attack"] = {"steps": 7}
     p = parse_params(raw)
-    r = p.resolve(name)
+    r = finetune_job(name, p.method[name], p.finetune.optim, p.threat)
     assert r.optim.lr == 0.5 and r.optim.epochs == p.finetune.optim.epochs      # the rest from finetune.optim
     assert r.attack.steps == 7 and r.attack.eps == p.threat.eps                  # the rest from threat
-    with pytest.raises(KeyError, match="'nope'"):
-        p.resolve("nope")
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -195,13 +217,14 @@ def test_finetune_without_the_pretrained_checkpoint_says_what_to_run(tmp_path: P
 
 
 def test_run_training_itself_refuses_a_missing_pretrained_checkpoint(tmp_path: Path) -> None:
-    from pipeline_lib.training import finetune_job, run_training
-    from pipeline_lib.training.jobs import TrainOutputs
+    from pipeline_lib.training import TrainOutputs, finetune_job, run_training
 
     p = parse_params(base_params_dict())
     out = TrainOutputs(tmp_path / "m.pt", tmp_path / "m.json", tmp_path / "h.csv", tmp_path / "s.pt")
+    job = finetune_job("pgd_at", p.method["pgd_at"], p.finetune.optim, p.threat)
     with pytest.raises(FileNotFoundError, match="needs the pretrained checkpoint"):
-        run_training(p, finetune_job(p, "pgd_at"), out, pretrained=tmp_path / "missing.pt")
+        run_training(job, out, data=p.data, model=p.model, seed=p.seed, runtime=p.runtime,
+                     experiment=p.mlflow.experiment, pretrained=tmp_path / "missing.pt")
 
 
 def test_cli_error_lists_are_printed_literally(tmp_path: Path, no_training: list[str]) -> None:

@@ -16,14 +16,13 @@ from datafiles import serve_folder, tiny_params, write_cifar
 
 from pipeline_lib import checkpoint
 from pipeline_lib.corruption import cifar_c
-from pipeline_lib.corruption.build_set import build_corrupted_set
 from pipeline_lib.corruption.cifar_c import ChecksumError, ensure_released, released
 from pipeline_lib.corruption.config import ALL, SEVERITIES
-from pipeline_lib.corruption.eval_job import run_corruption_eval
 from pipeline_lib.corruption.store import CorruptedSet, CorruptedSetError, read_manifest
 from pipeline_lib.data import DataUnavailableError, get_spec, load_test
 from pipeline_lib.io import read_json
 from pipeline_lib.models import build_model
+from stages.corruption import build_set, score
 
 N = 4  # images per severity in the small archive (the real one has 10000)
 
@@ -196,7 +195,7 @@ def test_released_source_through_both_stages(tmp_path, monkeypatch, http_root) -
                     corruption={"source": "released", "download": True, "n_images": 8,
                                 "corruptions": ["contrast", "fog"], "extra": ["snow"]})
     out = tmp_path / "corrupted"
-    manifest = build_corrupted_set(p, out, tmp_path / "samples.png")
+    manifest = build_set(p, out, tmp_path / "samples.png")
     assert manifest["source"] == "released" and manifest["n_images"] == 8
     assert read_manifest(out)["archive_md5"] == cifar_c.RELEASED["cifar10"].md5
     assert not list(out.glob("*.npy")), "a released set is referenced, not copied"
@@ -204,7 +203,7 @@ def test_released_source_through_both_stages(tmp_path, monkeypatch, http_root) -
 
     model = overfit("cifar10", x, y)
     checkpoint.save_model(tmp_path / "m.pt", model, arch="small_cnn", dataset="cifar10", meta={})
-    metrics = run_corruption_eval(p, "m", tmp_path / "m.pt", out, tmp_path / "m.json", tmp_path / "m.png")
+    metrics = score(p, "m", tmp_path / "m.pt", out, tmp_path / "m.json", tmp_path / "m.png")
     assert metrics == read_json(tmp_path / "m.json")
     assert metrics["clean_acc"] == 1.0
     assert metrics["table"]["contrast"] == {str(s): 1.0 for s in SEVERITIES}
@@ -217,4 +216,4 @@ def test_released_source_through_both_stages(tmp_path, monkeypatch, http_root) -
     p_bad = tiny_params(root, data={"dataset": "cifar10"},
                         corruption={"source": "released", "n_images": 8, "corruptions": ["gaussian_noise"]})
     with pytest.raises(CorruptedSetError, match="lacks"):
-        build_corrupted_set(p_bad, tmp_path / "other", tmp_path / "s2.png")
+        build_set(p_bad, tmp_path / "other", tmp_path / "s2.png")

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datafiles import base_params_dict, tiny_params, write_fashion_mnist
 from typer.testing import CliRunner
 
 from pipeline_lib import checkpoint
 from pipeline_lib.config import ParamsError, parse_params
-from pipeline_lib.corruption.build_set import build_corrupted_set
+from pipeline_lib.corruption.accuracy_grid import summarise
 from pipeline_lib.corruption.config import EXTRA, SEVERITIES, STANDARD
-from pipeline_lib.corruption.eval_job import run_corruption_eval
-from pipeline_lib.corruption.evaluate import summarise
 from pipeline_lib.corruption.generate import corrupt
-from pipeline_lib.corruption.relative import relative_corruption_error, relative_to_reference
+from pipeline_lib.corruption.mce import relative_corruption_error, relative_to_reference
 from pipeline_lib.corruption.store import CorruptedSet, CorruptedSetError, read_manifest
 from pipeline_lib.data import load_test
 from pipeline_lib.io import read_json
 from stages.cli import app
+from stages.corruption import build_set, score
 
 SMALL = {"n_images": 12, "corruptions": ["gaussian_noise", "contrast", "fog"], "extra": ["saturate", "spatter"]}
 
@@ -38,7 +38,7 @@ def test_generated_set_layout_manifest_and_samples(tmp_path: Path, fm_root: Path
     out = tmp_path / "corrupted"
     out.mkdir()
     np.save(out / "frost.npy", np.zeros(3, np.uint8))   # left over from a run with other params
-    manifest = build_corrupted_set(p, out, tmp_path / "samples.png")
+    manifest = build_set(p, out, tmp_path / "samples.png")
     m = read_manifest(out)
     assert {k: v for k, v in manifest.items() if k != "build_time_s"} == {k: v for k, v in m.items() if k != "format"}
     assert m["source"] == "generated" and m["dataset"] == "fashion_mnist" and m["n_images"] == 12
@@ -60,9 +60,9 @@ def test_generated_set_layout_manifest_and_samples(tmp_path: Path, fm_root: Path
 def test_evaluation_metrics_heatmap_and_guards(tmp_path: Path, fm_root: Path, tiny_model) -> None:
     p = tiny_params(fm_root, corruption=SMALL)
     out = tmp_path / "corrupted"
-    build_corrupted_set(p, out, tmp_path / "samples.png")
+    build_set(p, out, tmp_path / "samples.png")
     checkpoint.save_model(tmp_path / "m.pt", tiny_model, arch="small_cnn", dataset="fashion_mnist", meta={})
-    metrics = run_corruption_eval(p, "m", tmp_path / "m.pt", out, tmp_path / "m.json", tmp_path / "heat.png")
+    metrics = score(p, "m", tmp_path / "m.pt", out, tmp_path / "m.json", tmp_path / "heat.png")
     assert read_json(tmp_path / "m.json") == metrics
     table = np.array([[metrics["table"][c][str(s)] for s in SEVERITIES] for c in SMALL["corruptions"]])
     assert metrics["mean_corruption_acc"] == pytest.approx(table.mean())
@@ -74,7 +74,25 @@ def test_evaluation_metrics_heatmap_and_guards(tmp_path: Path, fm_root: Path, ti
     labels = np.load(out / "labels.npy")
     np.save(out / "labels.npy", (labels + 1) % 10)
     with pytest.raises(CorruptedSetError, match="differ from the first 12 test labels"):
-        run_corruption_eval(p, "m", tmp_path / "m.pt", out, tmp_path / "m2.json", tmp_path / "h2.png")
+        score(p, "m", tmp_path / "m.pt", out, tmp_path / "m2.json", tmp_path / "h2.png")
+
+
+def test_corruption_stages_apply_runtime_like_the_others(tmp_path: Path, fm_root: Path, tiny_model) -> None:
+    """corrupt and corruption@ start up through run_setup.start_run as training and evaluation do:
+    runtime.num_threads is applied (the corruption stage used to ignore it)."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    p = tiny_params(fm_root, corruption=SMALL, runtime={"num_threads": want})
+    out = tmp_path / "corrupted"
+    checkpoint.save_model(tmp_path / "m.pt", tiny_model, arch="small_cnn", dataset="fashion_mnist", meta={})
+    try:
+        build_set(p, out, tmp_path / "samples.png")
+        assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        score(p, "m", tmp_path / "m.pt", out, tmp_path / "m.json", tmp_path / "heat.png")
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_summary_keeps_extra_corruptions_out_of_the_mean() -> None:

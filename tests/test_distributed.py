@@ -37,13 +37,14 @@ from torch import nn
 
 from datafiles import REPO, banded_images, tiny_params, write_fashion_mnist
 from pipeline_lib import checkpoint, distributed
-from pipeline_lib.config import AttackParams, OptimParams, RuntimeParams
+from pipeline_lib.attacks.training import AttackParams
+from pipeline_lib.config import OptimParams, RuntimeParams
 from pipeline_lib.data import BatchLoader, get_spec
 from pipeline_lib.io import read_json
 from pipeline_lib.methods import ObjectiveContext, build_objective
 from pipeline_lib.models import build_model
 from pipeline_lib.training import TrainOutputs, fit
-from pipeline_lib.training.jobs import prepare_for_training
+from pipeline_lib.training.job import prepare_for_training
 
 # Largest |two processes - one process| allowed, relative to the largest |entry| of the compared
 # group (gradients, BN statistics, weight update, logged statistics). float32 summation order

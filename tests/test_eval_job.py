@@ -17,10 +17,11 @@ from pipeline_lib import checkpoint
 from pipeline_lib.config import Params
 from pipeline_lib.data import get_spec, load_test
 from pipeline_lib.evaluation.config import EvaluateConfigError, check_against
-from pipeline_lib.evaluation.job import EvalOutputs, run_evaluation
+from pipeline_lib.evaluation.job import EvalOutputs
 from pipeline_lib.evaluation.record import read_record_csv
 from pipeline_lib.evaluation.registry import EVAL_ATTACKS, AttackEnv, AttackStep, RegisteredAttack
 from pipeline_lib.models import build_model
+from stages.evaluate import run
 from stages.cli import app
 
 
@@ -94,7 +95,7 @@ def test_a_planted_masked_pgd_raises_the_sanity_flags(setup: tuple[Params, Path]
     p, ckpt = setup
     p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"attacks": ["fgsm", "pgd"],
                                                                        "eps_sweep": []})})
-    metrics = run_evaluation(p, "m", ckpt, _outputs(tmp_path))
+    metrics = run(p, "m", ckpt, _outputs(tmp_path))
     assert metrics["pgd_acc"] == metrics["clean_acc"] > metrics["fgsm_acc"]
     assert metrics["flags"] == {"multistep_weaker_than_fgsm": True, "eps_not_monotone": True}
     assert any("PGD accuracy" in m and "FGSM" in m for m in metrics["warnings"])

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from pipeline_lib.attacks import pgd_linf, uniform_start
-from pipeline_lib.config import AttackParams
+from pipeline_lib.attacks.training import AttackParams
 from pipeline_lib.methods import ObjectiveContext, build_objective
 from pipeline_lib.methods.arrest import Arrest, ArrestParams
 from pipeline_lib.methods.losses import angle, distance

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from pipeline_lib.attacks import pgd_linf
-from pipeline_lib.config import AttackParams
+from pipeline_lib.attacks.training import AttackParams
 from pipeline_lib.methods import ObjectiveContext, build_objective
 from pipeline_lib.methods.losses import kl_per_example
 from pipeline_lib.methods.mart import MartParams, mart_loss_from_logits

@@ -20,10 +20,13 @@ from pipeline_lib.models import MODELS, ImageClassifier, Normalize, build_model
 
 # The dataset each architecture is used on; architectures registered later default to CIFAR-10.
 DATASET_OF = {"small_cnn": "fashion_mnist"}
-# Layers AR-AT's official code regularises (REFERENCE.md, AR-AT): they must exist and run in forward.
+# The feature layers each model declares, which AR-AT regularises by default: the layers of AR-AT's
+# official code (REFERENCE.md, AR-AT) on ResNet-18 and WRN-34-10, the same "last block" recipe on SmallCNN.
+# They must exist, run once per forward, and stay these (AR-AT's default results depend on them).
 ARAT_LAYERS = {
+    "small_cnn": ["block2.0.1", "block2.1.1", "fc_bn"],
     "resnet18": ["layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2"],
-    "wrn34_10": [f"block3.layer.{i}.relu{j}" for i in range(5) for j in (1, 2)],
+    "wrn34_10": [f"block3.layer.{i}.relu{j}" for i in range(5) for j in (1, 2)] + ["pool"],
 }
 BATCH = 2
 
@@ -56,7 +59,7 @@ class Probe:
     x: torch.Tensor          # (BATCH, C, H, W) in [0, 1]
     logits: torch.Tensor     # model(x): (BATCH, num_classes)
     features: torch.Tensor   # model.forward_features(x): (BATCH, feature_dim)
-    hooked: list[str]        # AR-AT layers whose forward hook fired during model(x)
+    hooked: list[str]        # declared feature layers whose forward hook fired during model(x)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def probe(request: pytest.FixtureRequest, probes: dict[str, Probe]) -> Probe:
         modules = dict(model.named_modules())
         hooked: list[str] = []
         handles = [modules[n].register_forward_hook(lambda *_, n=n: hooked.append(n))
-                   for n in ARAT_LAYERS.get(arch, []) if n in modules]
+                   for n in model.feature_layers() if n in modules]
         with torch.no_grad():
             logits = model(x)
             for handle in handles:
@@ -111,13 +114,13 @@ def test_normalisation_is_inside_the_model(probe: Probe) -> None:
         norm.mean.copy_(saved)
 
 
-def test_arat_layers_exist_and_run(probe: Probe) -> None:
-    names = ARAT_LAYERS.get(probe.arch)
-    if names is None:
-        pytest.skip(f"AR-AT hooks no layers of {probe.arch}")
+def test_declared_feature_layers_exist_and_run(probe: Probe) -> None:
+    names = probe.model.feature_layers()
     modules = dict(probe.model.named_modules())
-    assert [n for n in names if n not in modules] == []
-    assert sorted(probe.hooked) == sorted(names), "every AR-AT layer runs exactly once per forward"
+    assert names and [n for n in names if n not in modules] == []
+    assert sorted(probe.hooked) == sorted(names), "every feature layer runs exactly once per forward"
+    if probe.arch in ARAT_LAYERS:
+        assert names == ARAT_LAYERS[probe.arch]
 
 
 def test_checkpoint_round_trip(probe: Probe, tmp_path: Path) -> None:

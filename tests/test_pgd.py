@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline_lib.attacks import ce_loss, cw_margin_loss, pgd_linf
-from pipeline_lib.evaluation import accuracy
+from pipeline_lib.evaluation.accuracy import accuracy
 
 _TRAINED: dict[str, dict[str, torch.Tensor]] = {}   # weights trained once per session
 

@@ -23,6 +23,7 @@ from pipeline_lib.data import get_spec
 from pipeline_lib.models import build_model
 from pipeline_lib.profiles import (COMPOSED_MARK, DEFAULT_HEADER, ProfileError, available, compose, compose_hydra,
                                    default_params_text, drift, dump, generated_from)
+from pipeline_lib.training import TrainJob, finetune_job
 from stages.cli import app
 
 CONF = REPO / "conf"
@@ -36,6 +37,16 @@ runner = CliRunner()
 
 def _params_yaml() -> dict[str, Any]:
     return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+def _job(p: Params, name: str) -> TrainJob:
+    """Finetune instance `name` as the finetune stage builds it."""
+    return finetune_job(name, p.method[name], p.finetune.optim, p.threat)
+
+
+def _dump(job: TrainJob) -> dict[str, Any]:
+    return {"objective": job.objective, "init": job.init, "optim": job.optim.model_dump(),
+            "attack": job.attack.model_dump(), "params": job.objective_params.model_dump()}
 
 
 def _composed(*names: str) -> Params:
@@ -111,15 +122,15 @@ def test_paper_profile_resolves_to_the_papers_settings(profile: str) -> None:
     inits = {"pgd_at": "scratch", "trades": "scratch", "mart": "scratch", "arat": "scratch",
              "arrest": "pretrained", "cure": "pretrained"}
     for name in p.finetune.methods:
-        r = p.resolve(name)
+        r = _job(p, name)
         assert r.init == inits[name], name
         assert (r.attack.steps, r.attack.eps) == (10, pytest.approx(EPS)) and r.attack.step_size == pytest.approx(STEP)
         assert (r.optim.lr, r.optim.batch_size, r.optim.momentum, r.optim.weight_decay) == (0.1, 128, 0.9, 5e-4)
         expected = (200, [100, 150]) if name == "cure" else (100, [75, 90])
         assert (r.optim.epochs, r.optim.milestones) == expected, name
-    assert p.resolve("trades").params.beta == 6.0 and p.resolve("mart").params.beta == 6.0
-    assert p.resolve("arrest").params.phi_deg == 37.5
-    arat, cure = p.resolve("arat").params, p.resolve("cure").params
+    assert _job(p, "trades").objective_params.beta == 6.0 and _job(p, "mart").objective_params.beta == 6.0
+    assert _job(p, "arrest").objective_params.phi_deg == 37.5
+    arat, cure = _job(p, "arat").objective_params, _job(p, "cure").objective_params
     assert arat.gamma == ARCH[arch]["arat_gamma"] and len(arat.layers) == ARCH[arch]["arat_layers"]
     with torch.device("meta"):    # the layer names exist in the architecture (no weights allocated)
         names = dict(build_model(arch, get_spec(dataset)).named_modules())
@@ -144,11 +155,11 @@ def test_sweep_profiles_add_points_the_aggregate_groups(sweep: str, objective: s
                                                         values: set[float]) -> None:
     p = _composed("cifar10_resnet18", sweep)
     points = [name for name, obj in objectives(p).items() if obj == objective]
-    assert {getattr(p.resolve(n).params, knob) for n in points} == values
+    assert {getattr(_job(p, n).objective_params, knob) for n in points} == values
     assert set(points) <= set(p.finetune.methods) and set(points) <= set(p.evaluate.models)
     assert objective not in p.aggregate.reference_models          # the swept method is not its own reference
     # the points differ in the knob only
-    dumps = [p.resolve(n).model_dump(exclude={"name"}) for n in points]
+    dumps = [_dump(_job(p, n)) for n in points]
     for d in dumps:
         d["params"].pop(knob)
     assert all(d == dumps[0] for d in dumps)
@@ -157,25 +168,25 @@ def test_sweep_profiles_add_points_the_aggregate_groups(sweep: str, objective: s
 @pytest.mark.parametrize("profile", PAPER)
 def test_paper_profiles_follow_the_official_code_where_the_paper_is_silent(profile: str) -> None:
     p = _composed(profile)
-    trades, mart, cure = (p.resolve(n).params for n in ("trades", "mart", "cure"))
+    trades, mart, cure = (_job(p, n).objective_params for n in ("trades", "mart", "cure"))
     assert (trades.clamp_start, trades.three_forwards, mart.clamp_start, cure.clamp_start) == (False, True, False, False)
     assert cure.rgp_variant == "paper"                 # the paper defines RGP: not silent
-    arat = p.resolve("arat")
-    assert arat.optim.first_epoch_lr == 0.02 and (arat.params.swa_every, arat.params.swa_bn_batches) == (500, None)
-    assert all(p.resolve(n).optim.first_epoch_lr is None for n in p.finetune.methods if n != "arat")
+    arat = _job(p, "arat")
+    assert arat.optim.first_epoch_lr == 0.02 and (arat.objective_params.swa_every, arat.objective_params.swa_bn_batches) == (500, None)
+    assert all(_job(p, n).optim.first_epoch_lr is None for n in p.finetune.methods if n != "arat")
     # the default profile keeps the project behaviour (params.yaml says why)
     d = parse_params(_params_yaml(), "params.yaml")
-    assert d.resolve("trades").params.clamp_start and not d.resolve("trades").params.three_forwards
+    assert _job(d, "trades").objective_params.clamp_start and not _job(d, "trades").objective_params.three_forwards
 
 
 def test_arrest_ablation_crosses_lambda_and_distance_and_nothing_else() -> None:
     p = _composed("cifar10_resnet18", "sweep_arrest_ablation")
     points = [name for name, obj in objectives(p).items() if obj == "arrest"]
-    grid = {(p.resolve(n).params.lam, p.resolve(n).params.distance) for n in points}
+    grid = {(_job(p, n).objective_params.lam, _job(p, n).objective_params.distance) for n in points}
     assert grid == {(lam, d) for lam in (2.0, 5.0, 20.0) for d in ("cosine", "angle", "l2")} and len(points) == 9
     assert set(points) <= set(p.finetune.methods) and set(points) <= set(p.evaluate.models)
-    assert p.resolve("arrest").params.lam == _composed("cifar10_resnet18").resolve("arrest").params.lam
-    dumps = [p.resolve(n).model_dump(exclude={"name"}) for n in points]
+    assert _job(p, "arrest").objective_params.lam == _job(_composed("cifar10_resnet18"), "arrest").objective_params.lam
+    dumps = [_dump(_job(p, n)) for n in points]
     for d in dumps:
         d["params"].pop("lam")
         d["params"].pop("distance")

@@ -21,7 +21,8 @@ from pipeline_lib import checkpoint
 from pipeline_lib.config import Params
 from pipeline_lib.io import read_json
 from pipeline_lib.tracking import HTTP_DEFAULTS, RUNS_DIR, Tracker, flatten
-from pipeline_lib.training import TrainOutputs, pretrain_job, run_training
+from pipeline_lib.training import TrainOutputs, pretrain_job
+from stages.train import train
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def _mlflow_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def _train(p: Params, d: Path) -> tuple[TrainOutputs, dict[str, Any]]:
     out = TrainOutputs(d / "models" / "standard.pt", d / "metrics" / "standard.json", d / "metrics" / "history.csv",
                        d / "cache" / "state.pt")
-    return out, run_training(p, pretrain_job(p), out)
+    return out, train(p, pretrain_job(p.pretrain.optim, p.threat), out)
 
 
 def _assert_outputs(out: TrainOutputs, metrics: dict[str, Any]) -> None:
@@ -85,7 +86,7 @@ def test_a_stage_logs_its_run_to_the_store(store_uri: str, data_root: Path, work
     assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
     assert run.data.tags["dvc_stage"] == "pretrain" and run.data.tags["method"] == "standard"
     assert run.data.tags["checkpoint_sha256"] == checkpoint.file_sha256(out.checkpoint)
-    job = pretrain_job(p)
+    job = pretrain_job(p.pretrain.optim, p.threat)
     assert run.data.params["optim.lr"] == str(job.optim.lr)
     assert run.data.params["data.dataset"] == p.data.dataset
     assert run.data.metrics["val_clean_acc"] == pytest.approx(metrics["val_clean_acc"])
@@ -143,7 +144,8 @@ KILL_AFTER_FIRST_EPOCH = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from datafiles import tiny_params
-from pipeline_lib.training import TrainOutputs, loop, pretrain_job, run_training
+from pipeline_lib.training import TrainOutputs, loop, pretrain_job
+from stages.train import train
 saves = []
 real_save = loop.checkpoint.save
 def save_then_die(path, state):   # epoch 1's state is written and logged; SIGKILL while saving epoch 2's
@@ -153,7 +155,7 @@ def save_then_die(path, state):   # epoch 1's state is written and logged; SIGKI
     real_save(path, state)
 loop.checkpoint.save = save_then_die
 p = tiny_params({root!r}, pretrain={{"optim": {{"epochs": 3, "milestones": [1]}}}}, mlflow={{"experiment": "killed"}})
-run_training(p, pretrain_job(p), TrainOutputs(*[__import__("pathlib").Path(x) for x in {outs!r}]))
+train(p, pretrain_job(p.pretrain.optim, p.threat), TrainOutputs(*[__import__("pathlib").Path(x) for x in {outs!r}]))
 """
 
 
@@ -177,7 +179,7 @@ def test_killed_then_resumed_training_logs_each_epoch_once_in_one_run(store_uri:
 
     p = tiny_params(data_root, pretrain={"optim": {"epochs": 3, "milestones": [1]}}, mlflow={"experiment": "killed"})
     out = TrainOutputs(*outs)
-    metrics = run_training(p, pretrain_job(p), out)
+    metrics = train(p, pretrain_job(p.pretrain.optim, p.threat), out)
     _assert_outputs(out, metrics)
     [run] = client.search_runs([experiment])
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"

@@ -19,8 +19,9 @@ from pipeline_lib.data import BatchLoader, get_spec
 from pipeline_lib.io import read_json
 from pipeline_lib.methods import OBJECTIVES, Objective, ObjectiveContext, StepOutput, build_objective
 from pipeline_lib.models import build_model
-from pipeline_lib.training import TrainOutputs, fit, pretrain_job, run_training
+from pipeline_lib.training import TrainOutputs, fit, pretrain_job
 from pipeline_lib.training.loop import STATE_FORMAT
+from stages.train import train
 
 
 class SimulatedKill(BaseException):
@@ -242,11 +243,11 @@ def _outputs(d: Path) -> TrainOutputs:
 def test_run_training_writes_every_output_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fashion_mnist(tmp_path / "data", n_train=128, n_test=64)
     p = tiny_params(tmp_path / "data")
-    job = pretrain_job(p)
+    job = pretrain_job(p.pretrain.optim, p.threat)
     steps_per_epoch = p.data.n_train // job.optim.batch_size  # type: ignore[operator]
 
     ref = _outputs(tmp_path / "ref")
-    metrics = run_training(p, job, ref)
+    metrics = train(p, job, ref)
     assert read_json(ref.metrics) == metrics and metrics["epochs"] == job.optim.epochs
     assert 0 <= metrics["val_clean_acc"] <= 1 and metrics["train_time_s"] > 0
     with open(ref.history, newline="") as fh:
@@ -270,12 +271,12 @@ def test_run_training_writes_every_output_and_resumes(tmp_path: Path, monkeypatc
     run = _outputs(tmp_path / "run")
     monkeypatch.setattr(standard, "loss", counted)
     with pytest.raises(SimulatedKill):
-        run_training(p, job, run)
+        train(p, job, run)
     assert not run.checkpoint.exists() and checkpoint.load(run.state)["epoch"] == job.optim.epochs - 1
     calls.update(n=0, die_at=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)     # the state matches: no "ignoring" warning
-        resumed = run_training(p, job, run)
+        resumed = train(p, job, run)
     assert calls["n"] == steps_per_epoch                     # only the last epoch ran again
     assert resumed["val_clean_acc"] == metrics["val_clean_acc"]
     assert _same_weights(checkpoint.load_model(run.checkpoint)[0], model)

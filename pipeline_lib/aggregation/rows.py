@@ -14,8 +14,8 @@ import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..corruption.relative import REFERENCE as CORRUPTION_REFERENCE
-from ..corruption.relative import relative_to_reference
+from ..corruption.mce import REFERENCE as CORRUPTION_REFERENCE
+from ..corruption.mce import relative_to_reference
 from ..stats import bootstrap_indices
 from .ardist import ardist_bootstrap, mean_gap, signed_distance
 from .columns import NRR_OF, by_key, eval_columns, interval_columns, numeric_columns

@@ -9,10 +9,10 @@ Modules (import them directly; this package root stays light because
 * `store`      - the CIFAR-C on-disk layout (`<name>.npy`, `labels.npy`), read and written
 * `cifar_c`    - the released Zenodo archives: download, md5 check, extraction
 * `build_set`  - the `corrupt` stage's work
-* `evaluate`   - accuracy per corruption x severity and its summary
-* `relative`   - corruption error relative to the run's standard model (the aggregator calls it)
+* `accuracy_grid` - accuracy per corruption x severity and its summary
+* `mce`        - mCE: corruption error relative to the run's standard model (the aggregator calls it)
 * `heatmap`, `samples` - PNG plots
-* `eval_job`   - the `corruption@<model>` stage's work
+* `job`        - the `corruption@<model>` stage's work
 """
 
 from .config import ALL, EXTRA, SEVERITIES, STANDARD, CorruptionParams

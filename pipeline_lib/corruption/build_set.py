@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Params
+from ..config import DataParams, RuntimeParams
 from ..data import DataUnavailableError, get_spec, load_test
-from ..tracking import Tracker
+from ..run_setup import start_run
 from .cifar_c import IMAGES_PER_SEVERITY, ensure_released, released
 from .config import ALL, CorruptionParams
 from .generate import generate
@@ -49,26 +49,30 @@ def _nhwc(images: Any) -> np.ndarray:
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def build_corrupted_set(p: Params, out_dir: Path, samples_path: Path) -> dict[str, Any]:
-    """Write the corrupted set (or its manifest) to `out_dir` and a sample grid PNG; returns the manifest."""
-    cp, dataset = p.corruption, p.data.dataset
+def build_corrupted_set(out_dir: Path, samples_path: Path, *, corruption: CorruptionParams, data: DataParams,
+                        runtime: RuntimeParams, experiment: str) -> dict[str, Any]:
+    """Write the corrupted set (or its manifest) to `out_dir` and a sample grid PNG; returns the manifest.
+
+    The params it reads: `corruption`, `data`, `runtime` and `mlflow.experiment`."""
+    cp, dataset = corruption, data.dataset
     check_source(cp, dataset)
+    run = start_run("corrupt", None, runtime, experiment=experiment)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with Tracker(p.mlflow.experiment, "corrupt", tags={"stage": "corrupt", "dvc_stage": "corrupt"}) as tr:
+    with run.tracker() as tr:
         tr.log_params({"corruption": cp.model_dump(), "dataset": dataset})
         t0 = time.perf_counter()
         clean: np.ndarray | None = None
         if cp.source == "generated":
-            x, y = load_test(dataset, p.data.root, cp.n_images, p.data.download)
+            x, y = load_test(dataset, data.root, cp.n_images, data.download)
             clean = _nhwc(x)
-            made = generate(clean, cp.names, seed=cp.seed, progress=p.runtime.progress)
+            made = generate(clean, cp.names, seed=cp.seed, progress=runtime.progress)
             for stale in out_dir.glob("*.npy"):   # names dropped from the params since the last run
                 if stale.stem in ALL and stale.stem not in made.arrays:
                     stale.unlink()
             write_set(out_dir, made.arrays, y.numpy())
             data_dir, skipped, n = ".", made.skipped, cp.n_images
         else:
-            folder = ensure_released(dataset, p.data.root, cp.download)
+            folder = ensure_released(dataset, data.root, cp.download)
             present = CorruptedSet(folder).names
             missing = [m for m in cp.names if m not in present]
             if missing:
@@ -89,7 +93,7 @@ def build_corrupted_set(p: Params, out_dir: Path, samples_path: Path) -> dict[st
         build_s = time.perf_counter() - t0
         if clean is None:
             try:
-                clean = _nhwc(load_test(dataset, p.data.root, 1, p.data.download)[0])
+                clean = _nhwc(load_test(dataset, data.root, 1, data.download)[0])
             except DataUnavailableError as exc:
                 log.warning("sample grid without the clean column: %s", exc)
         cset = CorruptedSet(out_dir / data_dir)

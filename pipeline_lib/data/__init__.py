@@ -1,41 +1,29 @@
-"""Datasets: specs, file readers in the published formats, subsets and the batch loader."""
+"""Datasets: specs, file readers in the published formats, subsets and the batch loader.
+
+`pipeline_lib.config` validates dataset names against `spec`, and importing `pipeline_lib.data.spec`
+runs this file first: so it imports no torch. The torch-side names load on first use (PEP 562).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from .loader import BatchLoader, augment
-from .sources import DataUnavailableError, load_split
 from .spec import SPECS, DatasetSpec, get_spec
 
+if TYPE_CHECKING:
+    from .loader import BatchLoader, augment
+    from .sources import DataUnavailableError, load_split
+    from .splits import load_test, load_train, test_subset, train_subset
 
-def train_subset(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded random subset of n training examples (all of them when n is None)."""
-    if n is None or n >= len(images):
-        return images, labels
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    idx, _ = idx.sort()
-    return images[idx], labels[idx]
-
-
-def test_subset(images: Tensor, labels: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
-    """The first n test examples, the RobustBench convention for n_eval."""
-    if n is None:
-        return images, labels
-    return images[:n], labels[:n]
+_LAZY = {"BatchLoader": "loader", "augment": "loader", "DataUnavailableError": "sources", "load_split": "sources",
+         "load_test": "splits", "load_train": "splits", "test_subset": "splits", "train_subset": "splits"}
 
 
-def load_train(name: str, root: str | Path, n: int | None, seed: int, download: bool = False) -> tuple[Tensor, Tensor]:
-    images, labels = load_split(name, root, train=True, download=download)
-    return train_subset(images, labels, n, seed)
-
-
-def load_test(name: str, root: str | Path, n: int | None, download: bool = False) -> tuple[Tensor, Tensor]:
-    images, labels = load_split(name, root, train=False, download=download)
-    return test_subset(images, labels, n)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["SPECS", "BatchLoader", "DataUnavailableError", "DatasetSpec", "augment", "get_spec",

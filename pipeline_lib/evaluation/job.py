@@ -26,14 +26,13 @@ from typing import Any
 import torch
 
 from .. import checkpoint
-from ..config import Params
+from ..config import DataParams, RuntimeParams
 from ..data import get_spec, load_test
 from ..io import atomic_write, write_json
-from ..runtime import configure_determinism, resolve_device
-from ..tracking import Tracker
+from ..run_setup import start_run
 from .autoattack import capture_logs
 from .benchmark import evaluate_model
-from .config import EvaluateConfigError, check_against
+from .config import EvaluateParams, check_against
 from .plot import plot_evaluation
 from .record import STATE_FORMAT
 from .registry import AttackEnv, AttackStep, plan_steps
@@ -51,49 +50,46 @@ class EvalOutputs:
     state_dir: Path   # resumable state; removed once the outputs above are written
 
 
-def eval_fingerprint(p: Params, checkpoint_sha256: str, device: torch.device, steps: list[AttackStep]) -> str:
+def eval_fingerprint(e: EvaluateParams, *, dataset: str, eps: float, checkpoint_sha256: str, device: torch.device,
+                     steps: list[AttackStep]) -> str:
     """Everything that determines the record: a rerun with any of it changed must not reuse state."""
-    config = {"format": STATE_FORMAT, "checkpoint": checkpoint_sha256, "dataset": p.data.dataset,
-              "eps": p.threat.eps, "device": device.type, "steps": [st.name for st in steps],
-              "evaluate": p.evaluate.model_dump(exclude={"models", "sanity_tolerance"})}
+    config = {"format": STATE_FORMAT, "checkpoint": checkpoint_sha256, "dataset": dataset,
+              "eps": eps, "device": device.type, "steps": [st.name for st in steps],
+              "evaluate": e.model_dump(exclude={"models", "sanity_tolerance"})}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
+def run_evaluation(name: str, model_path: Path, out: EvalOutputs, *, evaluate: EvaluateParams, eps: float,
+                   data: DataParams, runtime: RuntimeParams, experiment: str,
                    allow_name_mismatch: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint at `model_path` as model `name` (it must have been trained as `name`,
-    unless `allow_name_mismatch`) and write `out`; resumes from out.state_dir."""
-    e = p.evaluate
-    eps = p.threat.eps
-    spec = get_spec(p.data.dataset)
-    check_against(e, dataset=p.data.dataset, num_classes=spec.num_classes, eps=eps)
-    configure_determinism(p.runtime.deterministic)
-    if p.runtime.num_threads:
-        torch.set_num_threads(p.runtime.num_threads)
-    device = resolve_device(p.runtime.device)
-    model, meta = checkpoint.load_model(model_path, device)
-    checkpoint.check_model_name(meta, name, model_path, allow=allow_name_mismatch)
-    if meta["dataset"] != p.data.dataset:
-        raise EvaluateConfigError(f"{model_path} was trained on {meta['dataset']}, params evaluate on "
-                                  f"data.dataset={p.data.dataset}")
-    x, y = load_test(p.data.dataset, p.data.root, e.n_eval, p.data.download)
+    unless `allow_name_mismatch`) and write `out`; resumes from out.state_dir.
+
+    The params it reads: `evaluate`, `threat.eps`, `data`, `runtime` and `mlflow.experiment`."""
+    e = evaluate
+    spec = get_spec(data.dataset)
+    check_against(e, dataset=data.dataset, num_classes=spec.num_classes, eps=eps)
+    stage = f"evaluate@{name}"
+    run = start_run(stage, name, runtime, experiment=experiment)
+    device = run.device
+    model, meta = checkpoint.load_for_run(model_path, device, dataset=data.dataset, name=name,
+                                         allow_name_mismatch=allow_name_mismatch)
+    x, y = load_test(data.dataset, data.root, e.n_eval, data.download)
     x, y = x.to(device).float().div_(255), y.to(device)
 
     sha = checkpoint.file_sha256(model_path)
     out.state_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out.state_dir / "state.pt", out.state_dir / "eval.log"
-    stage = f"evaluate@{name}"
     # The fingerprint of what determines the record keys both the resumable state and the MLflow run
     # a resumed evaluation continues (planning the steps builds closures only: no attack runs here).
     planned = plan_steps(e, AttackEnv(model, eps, device, e.seed, e.batch_size))
-    fp = eval_fingerprint(p, sha, device, planned)
-    with Tracker(p.mlflow.experiment, stage, tags={"stage": "evaluate", "method": name, "dvc_stage": stage},
-                 resume_key=fp) as tr:
+    fp = eval_fingerprint(e, dataset=data.dataset, eps=eps, checkpoint_sha256=sha, device=device, steps=planned)
+    with run.tracker(resume_key=fp) as tr:
         with capture_logs(log_path):
-            log.info("%s: %s (%s) on %s", stage, model_path, meta["arch"], p.data.dataset)
+            log.info("%s: %s (%s) on %s", stage, model_path, meta["arch"], data.dataset)
             # the same function as the public benchmark(): the stage adds files, MLflow and resumption
             ev = evaluate_model(model, x, y, e, eps=eps, num_classes=spec.num_classes, device=device,
-                                state_path=state_path, fingerprint=lambda _: fp, progress=p.runtime.progress,
+                                state_path=state_path, fingerprint=lambda _: fp, progress=runtime.progress,
                                 desc=stage, steps=planned)
         record, steps, acc, report, metrics = ev.record, ev.steps, ev.accuracies, ev.report, ev.metrics
         tr.log_params({"evaluate": e.model_dump(exclude={"models"}), "eps": eps, "checkpoint": str(model_path),
@@ -101,7 +97,7 @@ def run_evaluation(p: Params, name: str, model_path: Path, out: EvalOutputs, *,
 
         write_json(out.metrics, metrics)
         record.write_csv(out.record, worst_case_columns(steps))
-        plot_evaluation(out.plot, f"{stage}: {meta['arch']} on {p.data.dataset}, first {record.n} test images",
+        plot_evaluation(out.plot, f"{stage}: {meta['arch']} on {data.dataset}, first {record.n} test images",
                         acc, ev.curve, eps, report.raised)
         log_bytes = log_path.read_bytes()
         atomic_write(out.log, lambda fh: fh.write(log_bytes))

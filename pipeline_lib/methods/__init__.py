@@ -7,10 +7,12 @@ file with a `@register_objective("name")` class: nothing else to edit.
 import importlib
 import pkgutil
 
-from .base import OBJECTIVES, Objective, ObjectiveContext, StepOutput, build_objective, register_objective
+from .base import (OBJECTIVES, Objective, ObjectiveContext, StepOutput, build_objective, objective_params,
+                   register_objective)
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if not _mod.startswith("_") and _mod != "base":
         importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "StepOutput", "build_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveContext", "StepOutput", "build_objective", "objective_params",
+           "register_objective"]

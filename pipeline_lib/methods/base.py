@@ -23,15 +23,17 @@ leaves the model's (and its submodules') train/eval mode as it found it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..attacks import LossFn, ce_loss, pgd_linf
-from ..config import AttackParams
+from ..attacks.training import AttackParams
+from ..config import ParamsError, format_errors
 from ..registry import Registry
 from ..runtime import preserve_mode
 from ..schema import NoParams, StrictModel
@@ -122,8 +124,20 @@ def register_objective(name: str):
     return deco
 
 
-def build_objective(name: str, params: StrictModel | dict[str, Any] | None, ctx: ObjectiveContext) -> Objective:
+def objective_params(instance: str, objective: str, raw: Mapping[str, Any]) -> StrictModel:
+    """The validated params of finetune instance `instance` (registered objective `objective`): the one
+    place a method's params are checked. ParamsError names `method.<instance>` and each bad key."""
+    if objective not in OBJECTIVES:
+        raise ParamsError(f"method.{instance}: unknown objective {objective!r}; "
+                          f"registered: {', '.join(OBJECTIVES.names())}")
+    try:
+        return OBJECTIVES.get(objective).Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(f"method.{instance}.params: {format_errors(exc)}") from None
+
+
+def build_objective(name: str, params: StrictModel | Mapping[str, Any] | None, ctx: ObjectiveContext) -> Objective:
     cls = OBJECTIVES.get(name)
     if not isinstance(params, StrictModel):
-        params = cls.Params.model_validate(params or {})
+        params = objective_params(name, name, params or {})
     return cls(params, ctx)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
-
 from ..data.spec import DatasetSpec
 from ..registry import Registry
 from .base import ImageClassifier, Normalize
@@ -43,8 +41,4 @@ def known_arch(name: str) -> str:
     return name
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["MODELS", "ImageClassifier", "Normalize", "build_model", "count_parameters", "known_arch"]
+__all__ = ["MODELS", "ImageClassifier", "Normalize", "build_model", "known_arch"]

@@ -5,7 +5,7 @@
 * `forward_features(x) -> (B, D)` is the penultimate representation h(x) that
   ARREST distils and compares; `forward_head(h) -> (B, num_classes)` the logits.
 * Inner layers have stable dotted names (`model.named_modules()`) so objectives
-  such as AR-AT can hook them by name.
+  such as AR-AT can hook them by name; `feature_layers()` names the last stage's.
 """
 
 from __future__ import annotations
@@ -51,3 +51,8 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def feature_layers(self) -> list[str]:
+        """Dotted module names of the model's last-stage feature layers, in forward order (what timm's
+        `feature_info` declares): the intermediate representations an objective such as AR-AT regularises."""
+        raise NotImplementedError(f"{type(self).__name__} declares no feature layers")

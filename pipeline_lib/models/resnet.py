@@ -55,6 +55,10 @@ class ResNet(ImageClassifier):
         self.feature_dim = cin
         self.head = nn.Linear(cin, num_classes)
 
+    def feature_layers(self) -> list[str]:
+        """Both BNs of every block of the last stage (AR-AT's choice on ResNet-18)."""
+        return [f"layer4.{i}.bn{j}" for i in range(len(self.layer4)) for j in (1, 2)]
+
     def features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))  # (B, 512, H/8, W/8)

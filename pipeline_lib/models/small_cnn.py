@@ -33,6 +33,11 @@ class SmallCNN(ImageClassifier):
         self.feature_dim = hidden
         self.head = nn.Linear(hidden, num_classes)
 
+    def feature_layers(self) -> list[str]:
+        """The BN of both convs of the last conv block and fc_bn (whose ReLU output is h)."""
+        convs = [i for i, m in enumerate(self.block2) if isinstance(m, nn.Sequential)]
+        return [f"block2.{i}.1" for i in convs] + ["fc_bn"]
+
     def features(self, x: Tensor) -> Tensor:
         x = self.block2(self.block1(x))          # (B, c2, H/4, W/4)
         x = self.pool(x).flatten(1)              # (B, c2)

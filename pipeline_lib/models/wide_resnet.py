@@ -61,6 +61,10 @@ class WideResNet(ImageClassifier):
         self.feature_dim = widths[3]
         self.head = nn.Linear(widths[3], num_classes)
 
+    def feature_layers(self) -> list[str]:
+        """relu1/relu2 of every block of block3, then the final pooling (AR-AT's choice on WRN-34-10)."""
+        return [f"block3.layer.{i}.relu{j}" for i in range(len(self.block3.layer)) for j in (1, 2)] + ["pool"]
+
     def features(self, x: Tensor) -> Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))  # (B, 64*widen, H/4, W/4)
         out = self.relu(self.bn1(out))

@@ -45,7 +45,7 @@ from .. import checkpoint, distributed
 from ..config import OptimParams
 from ..data import BatchLoader
 from ..errors import UserError
-from ..evaluation import accuracy
+from ..evaluation.accuracy import accuracy
 from ..methods import Objective
 from ..runtime import autocast, seed_everything
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluation import predict
+from ..evaluation.accuracy import predict
 from ..stats import bootstrap_mean_interval, interval_block
 from .config import SEVERITIES
 from .store import CorruptedSet, CorruptedSetError

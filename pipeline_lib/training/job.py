@@ -14,14 +14,15 @@ from typing import Any
 import torch
 
 from .. import checkpoint, distributed
-from ..config import AttackParams, OptimParams, Params, ParamsError
+from ..attacks.training import AttackParams, training_attack
+from ..config import DataParams, MethodSpec, ModelParams, OptimParams, ParamsError, RuntimeParams, ThreatParams
 from ..data import BatchLoader, get_spec, load_test, load_train
 from ..io import atomic_write, write_json
-from ..methods import Objective, ObjectiveContext, build_objective
+from ..methods import OBJECTIVES, Objective, ObjectiveContext, build_objective, objective_params
 from ..models import build_model
-from ..runtime import check_amp, configure_determinism, memory_format, seed_everything
+from ..run_setup import start_run
+from ..runtime import check_amp, memory_format, seed_everything
 from ..schema import NoParams, StrictModel
-from ..tracking import Tracker
 from .loop import fit
 
 
@@ -45,28 +46,30 @@ class TrainJob:
     init: str                 # "pretrained" | "scratch"
 
 
-def pretrain_job(p: Params) -> TrainJob:
-    attack = AttackParams(eps=p.threat.eps, step_size=p.threat.train_step_size, steps=p.threat.train_steps)
-    return TrainJob("standard", "standard", NoParams(), p.pretrain.optim, attack, "scratch")
+def pretrain_job(optim: OptimParams, threat: ThreatParams) -> TrainJob:
+    """Standard training of the base model (pretrain.optim); its attack is threat's, unused by the objective."""
+    return TrainJob("standard", "standard", NoParams(), optim, training_attack(threat), "scratch")
 
 
-def finetune_job(p: Params, name: str) -> TrainJob:
-    r = p.resolve(name)
-    return TrainJob(name, r.objective, r.params, r.optim, r.attack, r.init)
+def finetune_job(name: str, spec: MethodSpec, defaults: OptimParams, threat: ThreatParams) -> TrainJob:
+    """Finetune instance `name` (method.<name>), its optim merged over finetune.optim (`defaults`) and its
+    attack over threat's; its params validated by the methods registry (ParamsError names the key)."""
+    objective = spec.objective_of(name)
+    params = objective_params(name, objective, spec.params)
+    return TrainJob(name, objective, params, spec.merged_optim(defaults), training_attack(threat, spec.attack),
+                    spec.init)
 
 
 def needs_pretrained(job: TrainJob) -> bool:
     """Whether the job reads the pretrained checkpoint: as its initialisation or as a frozen teacher."""
-    from ..methods import OBJECTIVES
-
     return job.init == "pretrained" or OBJECTIVES.get(job.objective).needs_teacher
 
 
-def job_config(p: Params, job: TrainJob) -> dict[str, Any]:
+def job_config(job: TrainJob, data: DataParams, model: ModelParams, seed: int) -> dict[str, Any]:
     """Everything that determines the trained weights (logged, stored in the checkpoint, hashed for resume)."""
     return {
-        "name": job.name, "objective": job.objective, "init": job.init, "seed": p.seed,
-        "data": p.data.model_dump(exclude={"root", "download"}), "model": p.model.model_dump(),
+        "name": job.name, "objective": job.objective, "init": job.init, "seed": seed,
+        "data": data.model_dump(exclude={"root", "download"}), "model": model.model_dump(),
         "optim": job.optim.model_dump(), "attack": job.attack.model_dump(),
         "params": job.objective_params.model_dump(),
     }
@@ -108,9 +111,12 @@ def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
 
 
-def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Path | None = None,
-                 stage: str | None = None) -> dict[str, Any]:
+def run_training(job: TrainJob, out: TrainOutputs, *, data: DataParams, model: ModelParams, seed: int,
+                 runtime: RuntimeParams, experiment: str, pretrained: Path | None = None) -> dict[str, Any]:
     """Train one model end to end and write its checkpoint, metrics JSON and history CSV.
+
+    The params sections it reads: `data`, `model`, `seed`, `runtime` and `mlflow.experiment`, besides
+    the job's own (pretrain.optim, or method.<name> with finetune.optim, and threat).
 
     `pretrained` is the standard model's checkpoint: the initialisation when
     job.init == 'pretrained' and the frozen teacher for objectives that need one.
@@ -119,30 +125,29 @@ def run_training(p: Params, job: TrainJob, out: TrainOutputs, *, pretrained: Pat
     process runs this; it joins the process group, trains on its share of each global batch,
     and rank 0 alone writes the outputs and logs to MLflow (pipeline_lib.distributed).
     """
-    with distributed.process_group(p.runtime.device, p.runtime.dist_backend) as info:
-        return _run_training(p, job, out, info, pretrained=pretrained, stage=stage)
+    with distributed.process_group(runtime.device, runtime.dist_backend) as info:
+        return _run_training(job, out, info, data=data, model_params=model, seed=seed, runtime=runtime,
+                             experiment=experiment, pretrained=pretrained)
 
 
-def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed.DistInfo, *,
-                  pretrained: Path | None, stage: str | None) -> dict[str, Any]:
-    from ..methods import OBJECTIVES
-
-    rt = p.runtime
+def _run_training(job: TrainJob, out: TrainOutputs, info: distributed.DistInfo, *, data: DataParams,
+                  model_params: ModelParams, seed: int, runtime: RuntimeParams, experiment: str,
+                  pretrained: Path | None) -> dict[str, Any]:
+    rt = runtime
     needs_teacher = OBJECTIVES.get(job.objective).needs_teacher
     if needs_pretrained(job) and (pretrained is None or not pretrained.exists()):
         raise FileNotFoundError(f"{job.name}: needs the pretrained checkpoint, got {pretrained}")
-    configure_determinism(rt.deterministic)
-    if rt.num_threads:
-        torch.set_num_threads(rt.num_threads)
-    device = distributed.device_for(rt.device, info)   # CUDA: GPU local_rank of this node
+    stage = "pretrain" if job.name == "standard" else f"finetune@{job.name}"
+    run = start_run(stage, job.name, rt, experiment=experiment, dist=info)
+    device = run.device   # CUDA: GPU local_rank of this node
     check_amp(rt.amp, device)
     fmt = memory_format(rt.channels_last)
-    spec = get_spec(p.data.dataset)
+    spec = get_spec(data.dataset)
 
-    x_tr, y_tr = load_train(p.data.dataset, p.data.root, p.data.n_train, p.data.subset_seed, p.data.download)
-    x_va, y_va = load_test(p.data.dataset, p.data.root, p.data.n_val, p.data.download)
-    loader = BatchLoader(x_tr, y_tr, job.optim.batch_size, shuffle=True, augment=p.data.augmentation,
-                         drop_last=True, seed=p.seed, device=device, storage=rt.loader, num_workers=rt.num_workers,
+    x_tr, y_tr = load_train(data.dataset, data.root, data.n_train, data.subset_seed, data.download)
+    x_va, y_va = load_test(data.dataset, data.root, data.n_val, data.download)
+    loader = BatchLoader(x_tr, y_tr, job.optim.batch_size, shuffle=True, augment=data.augmentation,
+                         drop_last=True, seed=seed, device=device, storage=rt.loader, num_workers=rt.num_workers,
                          rank=info.rank, world_size=info.world_size, memory_format=fmt)
     # Every rank measures the (small) validation set whole: identical models, identical numbers.
     val = BatchLoader(x_va, y_va, 500, device=device, storage=rt.loader, memory_format=fmt)
@@ -150,35 +155,25 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
         raise ParamsError(f"{job.name}: batch_size={job.optim.batch_size} exceeds the {len(x_tr)} training images "
                           "(data.n_train); lower the batch size or use more images")
 
-    seed_everything(p.seed)
-    model = build_model(p.model.arch, spec)
+    seed_everything(seed)
+    model = build_model(model_params.arch, spec)
     init_path = pretrained if job.init == "pretrained" else None
-    if init_path is not None:
-        base, meta = checkpoint.load_model(init_path)
-        if meta["arch"] != p.model.arch or meta["dataset"] != p.data.dataset:
-            raise checkpoint.CheckpointError(
-                f"pretrained checkpoint {init_path} holds {meta['arch']} on {meta['dataset']}, but params ask for "
-                f"model.arch={p.model.arch} on data.dataset={p.data.dataset}: pass the matching --pretrained "
-                "checkpoint or change the params")
+    if init_path is not None:   # on the CPU, as the weights are copied into `model`
+        base, _ = checkpoint.load_for_run(init_path, "cpu", dataset=data.dataset, arch=model_params.arch)
         model.load_state_dict(base.state_dict())
     teacher = None
     if needs_teacher:
-        teacher, teacher_meta = checkpoint.load_model(pretrained, device)  # type: ignore[arg-type]
-        if teacher_meta["dataset"] != p.data.dataset:
-            raise checkpoint.CheckpointError(f"teacher checkpoint {pretrained} was trained on {teacher_meta['dataset']}, "
-                                             f"params train on data.dataset={p.data.dataset}")
+        teacher, _ = checkpoint.load_for_run(pretrained, device, dataset=data.dataset)  # type: ignore[arg-type]
         teacher.requires_grad_(False).eval().to(memory_format=fmt)
     ctx = ObjectiveContext(attack=job.attack, num_classes=spec.num_classes, device=device,
                            input_shape=(spec.channels, spec.image_size, spec.image_size), teacher=teacher,
-                           seed=p.seed)
+                           seed=seed)
     objective = build_objective(job.objective, job.objective_params, ctx)
     model = prepare_for_training(model, objective, device, sync_bn=info.enabled and rt.sync_bn, fmt=fmt)
 
-    config = job_config(p, job)
+    config = job_config(job, data, model_params, seed)
     fp = fingerprint(config, init_path)
-    stage = stage or ("pretrain" if job.name == "standard" else f"finetune@{job.name}")
-    with Tracker(p.mlflow.experiment, stage, tags={"stage": stage.split("@")[0], "method": job.name,
-                                                   "dvc_stage": stage}, enabled=info.is_main, resume_key=fp) as tracker:
+    with run.tracker(resume_key=fp) as tracker:
         tracker.log_params(config)
         tracker.log_params({"runtime": {**rt.model_dump(), "world_size": info.world_size}})
         logged = tracker.logged_steps("val_clean_acc") if tracker.resumed else set()   # epochs the run holds
@@ -188,7 +183,7 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
                 tracker.log_metrics(rec, step=int(rec["epoch"]))
 
         t0 = time.perf_counter()
-        result = fit(model, objective, loader, val, job.optim, seed=p.seed, state_path=out.state,
+        result = fit(model, objective, loader, val, job.optim, seed=seed, state_path=out.state,
                      fingerprint=fp, progress=rt.progress, desc=stage, on_epoch=log_epoch, amp=rt.amp)
         seconds = time.perf_counter() - t0
         final = result.history[-1]
@@ -206,7 +201,7 @@ def _run_training(p: Params, job: TrainJob, out: TrainOutputs, info: distributed
         if not info.is_main:   # rank 0 writes every output; the others only wait for it
             distributed.barrier()
             return metrics
-        checkpoint.save_model(out.checkpoint, exported, arch=p.model.arch, dataset=p.data.dataset,
+        checkpoint.save_model(out.checkpoint, exported, arch=model_params.arch, dataset=data.dataset,
                               meta={"method": job.name, "objective": job.objective, "config": config,
                                     "epoch": job.optim.epochs, "metrics": metrics, "stage": stage,
                                     "git_commit": tracker.tags["git_commit"]})
