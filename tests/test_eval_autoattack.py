@@ -51,6 +51,15 @@ def _project(model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: Path | N
     every example an AutoAttack component broke."""
     e = eval_params(attacks=["fgsm", "autoattack"], batch_size=BATCH,
                     autoattack={"version": "custom", "custom": {"attacks": COMPONENTS, "target_classes": 1}})
+    steps = _watched(steps_for(model, e, EPS), model, x, kill_at, adversarial)
+    return run_cascade(model, x, y, steps, batch_size=BATCH, seed=0, state_path=state, fingerprint="fp",
+                       progress=False), steps
+
+
+def _watched(steps: list[AttackStep], model: nn.Module, x: torch.Tensor, kill_at: str | None = None,
+             adversarial: dict[int, torch.Tensor] | None = None) -> list[AttackStep]:
+    """The steps, each run recording into `adversarial` (index -> image) what an AutoAttack component broke;
+    `kill_at`: that step dies on its second batch."""
     calls: list[str] = []
 
     def watched(step: AttackStep):  # type: ignore[no-untyped-def]
@@ -67,10 +76,7 @@ def _project(model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: Path | N
             return x_adv
         return run
 
-    steps = [AttackStep(st.name, st.metric, st.eps, watched(st), st.worst_case)
-             for st in steps_for(model, e, EPS)]
-    return run_cascade(model, x, y, steps, batch_size=BATCH, seed=0, state_path=state, fingerprint="fp",
-                       progress=False), steps
+    return [AttackStep(st.name, st.metric, st.eps, watched(st), st.worst_case) for st in steps]
 
 
 def test_project_autoattack_equals_a_direct_pyautoattack_run(
@@ -136,3 +142,38 @@ def test_autoattack_params_are_validated() -> None:
         AutoAttackParams.model_validate({"version": "custom", "custom": {"attacks": ["apgd-ce", "apgd-ce"]}})
     # a profile switches to the standard version with one key; the custom block is then unused
     assert AutoAttackParams.model_validate({"version": "standard", "custom": {"attacks": ["apgd-ce"]}})
+
+
+# eps at which the fitted tiny model loses some but not all of the batch to each component alone
+COMPONENT_EPS = {"apgd-ce": EPS, "apgd-dlr": EPS, "apgd-t": EPS, "fab": EPS, "fab-t": EPS, "square": 0.06}
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENT_EPS))
+def test_each_component_equals_a_direct_run_and_checks_the_model_once(
+        component: str, trained: nn.Module, tiny_batch: tuple[torch.Tensor, torch.Tensor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """How run_component sets and seeds each component's attack object, against run_standard_evaluation's
+    own loop (same images, bit for bit); pyautoattack's model checks once per AutoAttack object."""
+    from pyautoattack import checks
+
+    x, y = tiny_batch
+    eps = COMPONENT_EPS[component]
+    params = AutoAttackParams.model_validate({"version": "custom", "custom": {
+        "attacks": [component], "target_classes": 2, "square_queries": 300, "apgd_iterations": 10}})
+    direct_adv, y_adv = build_autoattack(trained, params, eps=eps, seed=0, device="cpu").run_standard_evaluation(
+        x, y, batch_size=BATCH)
+
+    calls: list[str] = []
+    for name in ("check_randomized", "check_dynamic"):
+        original = getattr(checks, name)
+        monkeypatch.setattr(checks, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    adversarial: dict[int, torch.Tensor] = {}
+    e = eval_params(batch_size=BATCH, attacks=["autoattack"], autoattack=params.model_dump())
+    steps = _watched(steps_for(trained, e, eps), trained, x, adversarial=adversarial)
+    record = run_cascade(trained, x, y, steps, batch_size=BATCH, seed=0, progress=False)
+    assert calls == ["check_randomized", "check_dynamic"], "two batches, yet pyautoattack's checks run once"
+    assert 0 < int(record.broken.sum()) < int(record.clean_correct.sum()), "the comparison needs both outcomes"
+    assert torch.equal(record.robust([0]), y_adv == y)
+    assert sorted(adversarial) == (record.clean_correct & (y_adv != y)).nonzero().flatten().tolist()
+    for index, image in adversarial.items():
+        assert torch.equal(image, direct_adv[index]), index

@@ -261,3 +261,17 @@ def test_state_dict_round_trip_resumes_identically(name: str, tiny_model, tiny_b
     assert torch.equal(loss_a, loss_b), f"{name}: resumed step gives {loss_b}, uninterrupted {loss_a}"
     pa, pb = param_snapshot(a), param_snapshot(b)
     assert all(torch.equal(pa[k], pb[k]) for k in pa), f"{name}: resumed weights differ"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stats_are_detached_tensors(name: str, tiny_model, tiny_batch, make_ctx) -> None:
+    """No host sync in the training step: a stat given as a Python number (`float(ce)`) makes the
+    step wait for the device; the loop sums the tensors where they are and reads them once per epoch."""
+    x, y = tiny_batch
+    run = make_run(name, tiny_model, make_ctx)
+    run.model.train()
+    run.objective.on_epoch_start(run.model, 0, _batches(x, y))
+    out = run.objective.loss(run.model, x, y)
+    for k, v in out.stats.items():
+        assert isinstance(v, Tensor), f"{name}: stat {k} is a {type(v).__name__}, not a tensor"
+        assert v.ndim == 0 and not v.requires_grad, f"{name}: stat {k} is not a detached scalar ({v})"

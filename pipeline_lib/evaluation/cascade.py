@@ -49,16 +49,27 @@ def batch_seed(seed: int, step: str, first_index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def check_adversarial(x: Tensor, x_adv: Tensor, eps: float, step: str) -> None:
-    """x_adv must have x's shape, be finite, lie in [0, 1] and within eps of x (L-inf)."""
+def adversarial_bounds(x: Tensor, x_adv: Tensor) -> Tensor:
+    """(4,) float32 on x's device: [non-finite pixels of x_adv, ||x_adv - x||_inf, min and max pixel of x_adv].
+
+    Left on the device: the caller reads it with whatever else it needs from the batch, in one transfer."""
+    if not len(x):
+        return torch.tensor([0.0, 0.0, 0.0, 1.0], device=x.device)
+    return torch.stack([(~torch.isfinite(x_adv)).sum().float(), (x_adv - x).abs().amax(), x_adv.amin(),
+                        x_adv.amax()])
+
+
+def check_adversarial(x: Tensor, x_adv: Tensor, eps: float, step: str, bounds: Sequence[float] | None = None) -> None:
+    """x_adv must have x's shape, be finite, lie in [0, 1] and within eps of x (L-inf).
+
+    bounds: `adversarial_bounds(x, x_adv)` already read to the host (otherwise read here)."""
     if x_adv.shape != x.shape:
         raise RuntimeError(f"attack {step} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
-    if not torch.isfinite(x_adv).all():
+    nonfinite, dist, lo, hi = adversarial_bounds(x, x_adv).tolist() if bounds is None else bounds
+    if nonfinite:
         raise RuntimeError(f"attack {step} returned non-finite pixels")
-    dist = float((x_adv - x).abs().amax()) if len(x) else 0.0
     if dist > eps + EPS_SLACK:
         raise RuntimeError(f"attack {step} left the eps ball: ||x_adv - x||_inf = {dist:.6f} > eps = {eps}")
-    lo, hi = (float(x_adv.min()), float(x_adv.max())) if len(x) else (0.0, 1.0)
     if lo < 0 or hi > 1:
         raise RuntimeError(f"attack {step} left the image range: pixels in [{lo:.6f}, {hi:.6f}], not [0, 1]")
 
@@ -129,10 +140,14 @@ def _run_step(model: nn.Module, x: Tensor, y: Tensor, record: EvalRecord, steps:
         xb, yb = x[on_dev], y[on_dev]
         gen = torch.Generator().manual_seed(batch_seed(seed, step.name, int(b[0])))
         x_adv = step.run(xb, yb, gen)
-        check_adversarial(xb, x_adv, step.eps, step.name)
+        if x_adv.shape != xb.shape:
+            check_adversarial(xb, x_adv, step.eps, step.name)   # raises, naming the shapes
         with torch.no_grad():
-            fooled = model(x_adv).argmax(1) != yb
-        record.broken[b, s] = fooled.cpu()
+            fooled = model(x_adv).argmax(1) != yb   # (B,) bool
+            # the batch's one host sync: its bounds and who was fooled, in one transfer
+            read = torch.cat([adversarial_bounds(xb, x_adv), fooled.float()]).cpu()
+        check_adversarial(xb, x_adv, step.eps, step.name, bounds=read[:4].tolist())
+        record.broken[b, s] = read[4:].bool()
         record.attempted[b, s] = True
         record.seconds[step.name] = record.seconds.get(step.name, 0.0) + time.perf_counter() - t0
         _save(record, state_path, fingerprint)

@@ -269,7 +269,8 @@ class ARAT(Objective):
         total = w_a * t["ce_adv"] + w_c * t["ce_clean"] + t["invariance"]
         return StepOutput(total, t["logits_adv"], {
             "ce_adv": t["ce_adv"].detach(), "ce_clean": t["ce_clean"].detach(),
-            "invariance": t["invariance"].detach(), "cos_dist": t["dist"].detach().mean(), "w_adv": w_a})
+            "invariance": t["invariance"].detach(), "cos_dist": t["dist"].detach().mean(),
+            "w_adv": torch.tensor(w_a, dtype=torch.float64)})   # a per-epoch constant: a CPU tensor, no device copy
 
     # -- SWA -----------------------------------------------------------------------------------
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:

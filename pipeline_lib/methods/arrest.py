@@ -109,15 +109,16 @@ class Arrest(Objective):
         h, logits = self.forward_repr(model, x_in)  # in the mode the loop set (train)
         ce = F.cross_entropy(logits, y)
         loss = ce
-        stats = {"ce_adv": float(ce.detach())}
+        # float64 stats: the epoch sums as exact as the Python floats they were (the history CSV is unchanged)
+        stats = {"ce_adv": ce.detach().double()}
         if p.rgkd:
             assert h_teacher is not None
             dist = distance(p.distance, h, h_teacher).mean()
             loss = loss + p.lam * dist
-            stats["rgkd_dist"] = float(dist.detach())
+            stats["rgkd_dist"] = dist.detach().double()
         if p.noisy_replay:
-            stats["replay_rate"] = float(replayed.float().mean())
-            stats["drift_deg"] = float(drift.mean())
+            stats["replay_rate"] = replayed.float().mean().double()
+            stats["drift_deg"] = drift.detach().mean().double()
         return StepOutput(loss, logits, stats)
 
     # -- pieces (public so tests can check each mechanism) -------------------------------------

@@ -54,7 +54,10 @@ class ObjectiveContext:
 class StepOutput:
     loss: Tensor                                  # scalar to back-propagate
     logits: Tensor | None = None                  # (B, K) logits the train accuracy is measured on
-    stats: dict[str, float] = field(default_factory=dict)  # batch means, averaged over the epoch
+    # Batch means as detached 0-dim tensors, averaged over the epoch by the loop. Never Python floats:
+    # float(t) waits for the device every step. The loop sums them in their own dtype (float64 where the
+    # sum must be exact).
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Objective(ABC):

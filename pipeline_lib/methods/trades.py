@@ -56,8 +56,9 @@ class Trades(Objective):
         ce = F.cross_entropy(logits_nat, y)
         p_nat = model(x) if self.params.three_forwards else logits_nat   # (B, K), the official 3rd forward
         kl = kl_per_example(p_nat, logits_adv).mean()  # batchmean
-        return StepOutput(ce + self.params.beta * kl, logits_adv, {"ce_nat": float(ce.detach()),
-                                                                   "kl": float(kl.detach())})
+        # float64 stats: the epoch sums as exact as the Python floats they were (the history CSV is unchanged)
+        stats = {"ce_nat": ce.detach().double(), "kl": kl.detach().double()}
+        return StepOutput(ce + self.params.beta * kl, logits_adv, stats)
 
     def trades_adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """x_adv (B, C, H, W) maximising KL(p(x) || p(x_adv)) within the training eps-ball."""

@@ -167,7 +167,7 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
 
         model.train()
         extra.train()
-        sums: dict[str, torch.Tensor | float] = {}
+        sums: dict[str, torch.Tensor | float] = {}   # stat -> sum of batch mean x batch size (tensors on the device)
         seen = 0
         # Batch index of the epoch's first non-finite loss (-1: none) and that loss, kept on the device
         # so no step waits for the host; read every NONFINITE_CHECK_EVERY steps (one process) and at the end.
@@ -196,8 +196,11 @@ def fit(model: nn.Module, objective: Objective, loader: BatchLoader, val: BatchL
             if out.logits is not None:
                 batch_stats["train_acc"] = (out.logits.detach().argmax(1) == y).float().mean()
             for k, v in batch_stats.items():
-                v = v.detach() if isinstance(v, torch.Tensor) else float(v)
-                sums[k] = sums.get(k, 0.0) + v * b
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"{objective.name}: stat {k!r} is a {type(v).__name__}, not a tensor; return "
+                                    "batch statistics as detached tensors (a Python number waits for the device)")
+                # summed where it lives, in its own dtype: read once per epoch, by all_reduce_sum
+                sums[k] = sums.get(k, 0.0) + v.detach() * b
         sched.step()
         totals = distributed.all_reduce_sum({**sums, "_seen": float(seen)}, device)   # global over the ranks
         seen_all = totals.pop("_seen")
