@@ -276,3 +276,19 @@ def test_the_store_of_a_dvc_queue_workspace_is_the_repositorys(tmp_path: Path, m
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "elsewhere"))
     assert project_root(copy) == (tmp_path / "elsewhere").resolve()
     assert project_root(repo) == repo.resolve()       # DVC_ROOT counts only inside a queue copy
+
+
+@pytest.mark.parametrize(("stage", "sampled"), [("evaluate", True), ("aggregate", False)])
+def test_training_and_evaluation_runs_log_system_metrics(store_uri: str, workdir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, stage: str,
+                                                          sampled: bool) -> None:
+    """MLflow's background monitor (psutil) samples CPU and memory in the compute stages' runs only."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_on(monkeypatch, store_uri)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with Tracker(f"system-{stage}", stage, tags={"stage": stage}, root=workdir) as tracker:
+        time.sleep(1.5)   # several sampling intervals of the monitor thread
+    metrics = MlflowClient(store_uri).get_run(tracker.run_id).data.metrics
+    assert ("system/cpu_utilization_percentage" in metrics) is sampled
+    assert ("system/system_memory_usage_megabytes" in metrics) is sampled
