@@ -37,12 +37,13 @@ def mlflow_server(store: Path) -> Iterator[str]:
                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        deadline = time.monotonic() + 600   # a loaded 2-core machine took 175 s to start it
+        while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2):
                     break
             except OSError:
-                time.sleep(0.5)
+                time.sleep(1)
         else:
             raise SystemExit("mlflow server did not answer on 127.0.0.1")
         yield url
@@ -91,12 +92,13 @@ def main() -> None:
     ap.add_argument("--experiment", default="arpipe")
     ap.add_argument("--plots-html", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("docs/images"))
+    ap.add_argument("--url", default=None, help="an MLflow server already running on 127.0.0.1 over --store")
     ap.add_argument("--wait", type=float, default=12.0, help="seconds for a page to render")
     args = ap.parse_args()
     if not args.store.is_file():
         raise SystemExit(f"--store {args.store}: no such file")
     args.out.mkdir(parents=True, exist_ok=True)
-    with mlflow_server(args.store) as url:
+    with (contextlib.nullcontext(args.url) if args.url else mlflow_server(args.store)) as url:
         exp_id, parent, runs = latest_model_runs(url, args.experiment)
         compare = (f"{url}/#/compare-runs?runs={urllib.parse.quote(json.dumps(runs))}"
                    f"&experiments={urllib.parse.quote(json.dumps([exp_id]))}")
