@@ -254,9 +254,9 @@ def _publish(p: Params, inputs: LayoutInputs, params_file: Path) -> str:
                        exp_name or f"pipeline {profile} {commit[:7]}")
     headline = {f"{m}/{k}": v for m in p.evaluate.models for k, v in _numbers(summary.get("models", {}).get(m, {}),
                                                                               "").items()}
-    gaps = {f"mean_gap/{sw.get('objective', k)}": sw["mean_gap"] for k, sw in summary.get("sweeps", {}).items()
-            if isinstance(sw, dict) and isinstance(sw.get("mean_gap"), int | float)} \
-        if isinstance(summary.get("sweeps"), dict) else {}
+    sweeps = summary.get("sweeps", {})   # {objective: {"mean_gap": value}}
+    gaps = {f"mean_gap/{objective}": sw["mean_gap"] for objective, sw in sweeps.items()
+            if isinstance(sw, dict) and isinstance(sw.get("mean_gap"), int | float)} if isinstance(sweeps, dict) else {}
     store.update(parent, p.model_dump(mode="json", exclude={"runtime"}), {**headline, **gaps},
                  {**context, "stage": "pipeline"},
                  artifacts={f"aggregate/{f.name}": f for f in inputs.aggregate_files if f.is_file()})
