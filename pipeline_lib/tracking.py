@@ -4,9 +4,13 @@ Stages write their DVC outputs first-class; MLflow is a mirror for comparing
 runs in the UI. Every MLflow call goes through `Tracker`, which turns a failure
 (no store, locked sqlite, import error) into one warning and carries on.
 
-Store: $MLFLOW_TRACKING_URI if set, else `sqlite:///<project root>/mlflow.db`
-(MLflow >= 3.13 refuses a ./mlruns file store). Runs of one pipeline land in one
-experiment; the tags `stage`, `method` and `group` let the UI line methods up.
+Store: $MLFLOW_TRACKING_URI if set, else `sqlite:///<project root>/mlflow.db` and artifacts in
+`<project root>/mlartifacts` (MLflow >= 3.13 refuses a ./mlruns file store). The project root is
+the repository's own, also when DVC runs the stage in a temporary copy (`dvc exp run --queue` /
+`dvc queue start` run each experiment in `.dvc/tmp/exps/...`, deleted afterwards): see
+`project_root`. Runs of one pipeline land in one experiment; the tags `stage`, `method` and
+`arpipe.execution` (tracking_layout.py) let the UI line methods and executions up. Training,
+evaluation and corruption stage runs log MLflow system metrics (CPU, memory; GPU when present).
 
 Run hygiene after a kill: a stage's run id is kept in `cache/mlflow_runs/<stage>.json` until the
 stage finishes. A resumed stage (same resume key: the fingerprint of its resumable state)
@@ -37,10 +41,36 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BA
 # logger.exception before re-raising them): the Tracker's one warning line replaces them.
 QUIET_LOGGERS = ("mlflow.store", "mlflow.tracking", "mlflow.utils.rest_utils", "sqlalchemy", "alembic", "urllib3")
 RUNS_DIR = Path("cache") / "mlflow_runs"   # under the project root: run ids of unfinished stages
+# Stages whose runs sample CPU / memory (and GPU with pynvml) in MLflow's background thread (psutil).
+SYSTEM_METRICS_STAGES = frozenset({"pretrain", "finetune", "evaluate", "corruption"})
+SYSTEM_METRICS_INTERVAL_S = "5"   # MLflow's default 10 s would miss most stages of the small profiles
+EXPS_TMP = (".dvc", "tmp", "exps")  # where DVC's queue runs an experiment: a copy of the repository
+
+
+def project_root(root: str | Path = ".") -> Path:
+    """The repository that owns the MLflow store: `root` itself, except inside a temporary experiment
+    workspace of DVC (`<repo>/.dvc/tmp/exps/<run>/<copy>`), which is deleted after the run. There DVC
+    sets DVC_ROOT to the parent repository for every stage command (dvc/repo/experiments/queue/base.py);
+    without it the path is cut at `.dvc/tmp/exps`."""
+    here = Path(root).resolve()
+    parts = here.parts
+    for i in range(len(parts) - len(EXPS_TMP) + 1):
+        if parts[i:i + len(EXPS_TMP)] == EXPS_TMP:
+            dvc_root = os.environ.get("DVC_ROOT")
+            return Path(dvc_root).resolve() if dvc_root else Path(*parts[:i])
+    return here
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def ensure_experiment(mlflow: Any, name: str, root: str | Path = ".") -> str:
+    """The id of experiment `name`, created with its artifacts under `<project root>/mlartifacts`."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    return str(mlflow.create_experiment(name, artifact_location=(project_root(root) / "mlartifacts").as_uri()))
 
 
 def quiet_mlflow() -> None:
@@ -78,6 +108,15 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401 - MLflow's system metrics monitor needs it
+    except ImportError:
+        log.info("psutil is not installed: no system metrics in the MLflow runs")
+        return False
+    return True
 
 
 class Tracker:
@@ -121,17 +160,19 @@ class Tracker:
 
             uri = default_tracking_uri(self.root)
             mlflow.set_tracking_uri(uri)
-            if mlflow.get_experiment_by_name(self.experiment) is None:
-                mlflow.create_experiment(self.experiment,
-                                         artifact_location=(self.root.resolve() / "mlartifacts").as_uri())
+            ensure_experiment(mlflow, self.experiment, self.root)
             mlflow.set_experiment(self.experiment)
+            system = self.tags.get("stage") in SYSTEM_METRICS_STAGES and _has_psutil()
+            if system:
+                os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", SYSTEM_METRICS_INTERVAL_S)
             interrupted = None if self.nested else self._interrupted_run(mlflow, uri)
             if interrupted is not None and self.resume_key is not None and interrupted.get("key") == self.resume_key:
-                run = mlflow.start_run(run_id=interrupted["run_id"])
+                run = mlflow.start_run(run_id=interrupted["run_id"], log_system_metrics=system)
                 mlflow.set_tags(self.tags)
                 self.resumed = True
             else:
-                run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested)
+                run = mlflow.start_run(run_name=self.run_name, tags=self.tags, nested=self.nested,
+                                       log_system_metrics=system)
                 if interrupted is not None:
                     self._close_replaced(mlflow, interrupted["run_id"], run.info.run_id)
             self._mlflow = mlflow

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from pipeline_lib.io import check_writable
+
+if TYPE_CHECKING:
+    from pipeline_lib.config import Params
 
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
@@ -25,6 +29,9 @@ def aggregate(
     plot: Path = typer.Option(..., help="accuracy-robustness tradeoff PNG to write"),
     comparisons_csv: Path | None = typer.Option(None, help="paired comparisons CSV to write (needs --record-dir)"),
     comparisons_md: Path | None = typer.Option(None, help="paired comparisons Markdown to write"),
+    headline_dir: Path | None = typer.Option(None, help="folder to write <model>.json headline metrics to "
+                                                         "(dvc.yaml's top-level metrics)"),
+    history_plot: Path | None = typer.Option(None, help="PNG to write: every model's training history overlaid"),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Compare every evaluated model: NRR, ARDist, intervals, paired comparisons, table, tradeoff plot, MLflow."""
@@ -35,7 +42,8 @@ def aggregate(
     p = load_or_exit(params)
     if (comparisons_csv is None) != (comparisons_md is None):
         raise fail("give both --comparisons-csv and --comparisons-md, or neither")
-    check_writable(table, markdown, summary, plot, *(f for f in (comparisons_csv, comparisons_md) if f is not None))
+    check_writable(table, markdown, summary, plot,
+                   *(f for f in (comparisons_csv, comparisons_md, history_plot) if f is not None))
     try:
         if p.aggregate.reference == "published":   # a broken shipped table should fail before any work
             published_points(p.aggregate.published_table, p.aggregate.reference_models, p.aggregate.published_sources)
@@ -43,10 +51,27 @@ def aggregate(
                           AggregateOutputs(table, markdown, summary, plot, comparisons_csv, comparisons_md))
     except (MetricsError, ValueError) as exc:
         raise fail(str(exc)) from None
+    publish_views(p, eval_dir, train_dir, corruption_dir, record_dir, summary, headline_dir, history_plot,
+                  [table, markdown, summary, plot, comparisons_csv, comparisons_md], params)
     for row in s.rows:
         shown = {k: row.values[k] for k in ("clean", "robust", "ardist") if row.values[k] is not None}
         console.print(f"aggregate: {row.model:<14} " + "  ".join(f"{k}={v:.2f}" for k, v in shown.items()))
     console.print(f"aggregate: robust metric {s.robust_label()}; wrote {table}, {markdown}, {summary}, {plot}")
+
+
+def publish_views(p: Params, eval_dir: Path, train_dir: Path | None, corruption_dir: Path | None,
+                  record_dir: Path | None, summary: Path, headline_dir: Path | None, history_plot: Path | None,
+                  written: list[Path | None], params: Path) -> None:
+    """DVC's headline metrics and training overlay, then the MLflow comparison layout over every file."""
+    from pipeline_lib.comparison_views import write_headline, write_history_overlay
+    from pipeline_lib.tracking_layout import LayoutInputs, publish
+
+    if headline_dir is not None:
+        write_headline(summary, headline_dir, p.evaluate.models)
+    if history_plot is not None and train_dir is not None:
+        write_history_overlay(train_dir, p.evaluate.models, history_plot)
+    files = [f for f in (*written, history_plot) if f is not None]
+    publish(p, LayoutInputs(eval_dir, train_dir, corruption_dir, record_dir, summary, files), params)
 
 
 def gate(

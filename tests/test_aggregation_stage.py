@@ -150,22 +150,39 @@ def test_unknown_params_are_rejected(tmp_path: Path) -> None:
         load_params(write_params(tmp_path, gate={"metrics": {"clean_acc": {"abs_tol": 1.0}}}))
 
 
-def test_mlflow_parent_with_a_child_per_model(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_execution_run_with_a_run_per_model_updated_in_place(workdir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """tracking_layout.py: a parent per execution, a child per model with its hyperparameters, numbers,
+    curves and artifacts under the same names; aggregating again updates those runs, adds none."""
     import mlflow
 
     monkeypatch.setenv("ARPIPE_MLFLOW", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.chdir(workdir)   # artifacts land under ./mlartifacts of the tmp dir
-    result, _ = run_aggregate(workdir, write_params(workdir))
-    assert result.exit_code == 0, result.output
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["arpipe"], output_format="list")
-    parent = [r for r in runs if r.info.run_name == "aggregate"]
-    assert len(parent) == 1
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
-    assert set(children) == {f"aggregate/{m}" for m in EVAL}
-    assert children["aggregate/pgd_at_b"].data.metrics["ardist"] == pytest.approx(5 / math.sqrt(17), abs=1e-3)
-    assert parent[0].data.metrics["mean_gap.pgd_at"] == pytest.approx(2.5, abs=1e-6)
+    (workdir / "train" / "pgd_at_history.csv").write_text("epoch,val_clean_acc,train_loss\n1,0.7,2.0\n2,0.8,1.5\n")
+    params = write_params(workdir)
+    for _ in range(2):
+        result, _ = run_aggregate(workdir, params)
+        assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("arpipe").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("arpipe.role") == "execution"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(EVAL)
+    assert [r.info.run_name for r in runs if r.data.tags.get("arpipe.role") == "model"].count("pgd_at") == 1
+    assert parent.data.tags["dataset"] == "fashion_mnist" and parent.data.tags["profile"] == "default"
+    assert parent.data.metrics["mean_gap/pgd_at"] == pytest.approx(2.5, abs=1e-6)
+    b = children["pgd_at_b"].data
+    assert b.metrics["ardist"] == pytest.approx(5 / math.sqrt(17), abs=1e-3)
+    assert b.metrics["eval/autoattack_acc"] == pytest.approx(0.20)
+    assert b.params["objective"] == "pgd_at" and b.params["optim.lr"] == "0.02"   # resolved hyperparameters
+    curve = client.get_metric_history(children["pgd_at"].info.run_id, "train/val_clean_acc")
+    assert sorted((m.step, m.value) for m in curve) == [(1, 0.7), (2, 0.8)]   # logged once, not once per run
+    names = {m: {a.path for top in client.list_artifacts(r.info.run_id)
+                 for a in client.list_artifacts(r.info.run_id, top.path)} for m, r in children.items()}
+    assert names["pgd_at"] >= {"eval/metrics.json", "train/metrics.json", "train/history.csv"}
+    assert names["standard"] >= {"eval/metrics.json", "corruption/metrics.json"}
 
 
 def _corruption(table: dict[str, list[float]]) -> dict[str, Any]:

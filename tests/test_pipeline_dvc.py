@@ -16,12 +16,17 @@ list, so the test keeps holding as stages and methods are added.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +153,126 @@ def test_every_stage_logged_an_mlflow_run(repo: Repo, first_run: set[str]) -> No
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_metrics_show_lists_accuracy_per_model(repo: Repo, first_run: set[str]) -> None:
-    out = repo.dvc("metrics", "show", "--json")
-    shown = next(iter(json.loads(out[out.index("{"):]).values()))["data"]
+def _metrics_shown(repo: Repo, *targets: str) -> dict[str, Any]:
+    out = repo.dvc("metrics", "show", "--json", *targets)
+    return next(iter(json.loads(out[out.index("{"):]).values()))["data"]
+
+
+def test_metrics_show_lists_headline_per_model_and_stage_files_by_path(repo: Repo, first_run: set[str]) -> None:
+    headline = _metrics_shown(repo)
+    assert all(path.startswith("metrics/headline/") for path in headline), "only the headline by default"
+    by_path = _metrics_shown(repo, "metrics/eval")
     for model in repo.params()["evaluate"]["models"]:
-        metrics = shown[f"metrics/eval/{model}.json"]["data"]
+        row = headline[f"metrics/headline/{model}.json"]["data"]
+        assert 0 <= row["robust_lo"] <= row["robust"] <= row["robust_hi"] <= 100, model
+        metrics = by_path[f"metrics/eval/{model}.json"]["data"]
         assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1, model
+
+
+@contextlib.contextmanager
+def _mlflow_server(store: Path, repo: Repo) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over the sqlite `store`; its URL while the block runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=repo.root, env=repo.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600   # a loaded 2-core machine took 175 s to start it
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not answer on 127.0.0.1")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _model_runs(client: Any, experiment: str, execution_filter: str = "") -> dict[str, Any]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`arpipe.role` = 'model'{execution_filter}",
+                              max_results=1000)
+    return {r.data.tags["arpipe.model"]: r for r in runs}
+
+
+def test_each_method_run_carries_its_hyperparameters_robustness_and_common_artifacts(
+        repo: Repo, first_run: set[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    p = repo.params()
+    with _mlflow_server(repo.store, repo) as url:
+        client = MlflowClient(url)
+        _check_model_runs(client, p, _model_runs(client, p["mlflow"]["experiment"]))
+
+
+def _check_model_runs(client: Any, p: dict[str, Any], runs: dict[str, Any]) -> None:
+    assert set(runs) == set(p["evaluate"]["models"]), "one run per model, not one per aggregate run"
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs.values()}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["profile"] == "ci" and parent.data.tags["dataset"] == p["data"]["dataset"]
+    artifacts = {}
+    for model, run in runs.items():
+        data = run.data
+        assert data.params["objective"] == (model if model == "standard" else p["method"][model].get("objective", model))
+        lr = p["finetune"]["optim"]["lr"] if model != "standard" else p["pretrain"]["optim"]["lr"]
+        assert float(data.params["optim.lr"]) == lr and "attack.eps" in data.params, model
+        assert 0 <= data.metrics["robust_lo"] <= data.metrics["robust"] <= data.metrics["robust_hi"], model
+        assert data.metrics["eval/pgd_acc"] <= data.metrics["eval/clean_acc"], model
+        assert client.get_metric_history(run.info.run_id, "train/val_clean_acc"), model
+        artifacts[model] = {a.path for top in client.list_artifacts(run.info.run_id)
+                            for a in (client.list_artifacts(run.info.run_id, top.path) if top.is_dir else [top])}
+    names = next(iter(artifacts.values()))
+    assert {"eval/plot.png", "corruption/heatmap.png", "train/history.csv"} <= names
+    assert all(a == names for a in artifacts.values()), artifacts
+
+
+def test_a_queued_experiments_runs_land_in_the_repositorys_store(repo: Repo, first_run: set[str]) -> None:
+    """`dvc queue start` runs the experiment in a temporary copy (.dvc/tmp/exps/...), deleted afterwards;
+    with no MLFLOW_TRACKING_URI its runs must land in <repo>/mlflow.db. A change of an aggregate param
+    re-runs only validate and aggregate (the rest comes from the committed lock and the DVC cache)."""
+    from mlflow.tracking import MlflowClient
+
+    (repo.root / ".git" / "info" / "exclude").write_text("data/\ncache/\nmlartifacts/\nmlflow.db\n__pycache__/\n")
+    repo.run("git", "add", "-A")
+    repo.run("git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "ci run")
+    env = {k: v for k, v in repo.env.items() if k != "MLFLOW_TRACKING_URI"}
+    queued = Repo(repo.root, repo.root / "mlflow.db")
+    queued.env = env
+    queued.dvc("exp", "run", "--queue", "-n", "qexp", "-S", "aggregate.compare_to=[standard]")
+    # The worker it starts inherits the command's output: not captured, or the call waits for the worker.
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], cwd=repo.root, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    try:
+        for _ in range(600):
+            status = queued.dvc("queue", "status")
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the queued experiment did not finish:\n{status}")
+    finally:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], cwd=repo.root, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    assert re.search(r"qexp.*Success", status), status + queued.dvc("queue", "logs", "qexp")
+    assert queued.store.is_file(), "no store at the repository's root"
+    p = repo.params()
+    with _mlflow_server(queued.store, repo) as url:
+        client = MlflowClient(url)
+        runs = _model_runs(client, p["mlflow"]["experiment"], " and tags.dvc_exp_name = 'qexp'")
+        _check_model_runs(client, p, runs)
+        parent = client.get_run(next(iter(runs.values())).data.tags["mlflow.parentRunId"])
+        assert parent.data.params["aggregate.compare_to"] == "['standard']"   # the experiment's knob
+        artifacts = client.list_artifacts(runs["standard"].info.run_id, "eval")
+        assert artifacts and (repo.root / "mlartifacts").is_dir(), "artifacts at the repository's root"
 
 
 def test_second_repro_does_nothing(repo: Repo, first_run: set[str]) -> None:

@@ -260,3 +260,37 @@ def test_tracker_flattens_params_and_keeps_numeric_metrics() -> None:
 
 def test_flatten() -> None:
     assert flatten({"a": {"b": {"c": 1}}, "d": [1]}) == {"a.b.c": 1, "d": [1]}
+
+
+def test_the_store_of_a_dvc_queue_workspace_is_the_repositorys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc queue start` runs each experiment in <repo>/.dvc/tmp/exps/<run>/<copy>, deleted afterwards:
+    the store and the artifacts belong to <repo> (from DVC_ROOT, which DVC sets, or the path)."""
+    from pipeline_lib.tracking import default_tracking_uri, project_root
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    repo = tmp_path / "repo"
+    copy = repo / ".dvc" / "tmp" / "exps" / "run" / "tmpabc123"
+    copy.mkdir(parents=True)
+    assert project_root(copy) == repo.resolve()
+    assert default_tracking_uri(copy) == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    assert project_root(repo) == repo.resolve()       # an ordinary workspace is its own root
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "elsewhere"))
+    assert project_root(copy) == (tmp_path / "elsewhere").resolve()
+    assert project_root(repo) == repo.resolve()       # DVC_ROOT counts only inside a queue copy
+
+
+@pytest.mark.parametrize(("stage", "sampled"), [("evaluate", True), ("aggregate", False)])
+def test_training_and_evaluation_runs_log_system_metrics(store_uri: str, workdir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, stage: str,
+                                                          sampled: bool) -> None:
+    """MLflow's background monitor (psutil) samples CPU and memory in the compute stages' runs only."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_on(monkeypatch, store_uri)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with Tracker(f"system-{stage}", stage, tags={"stage": stage}, root=workdir) as tracker:
+        time.sleep(1.5)   # several sampling intervals of the monitor thread
+    metrics = MlflowClient(store_uri).get_run(tracker.run_id).data.metrics
+    assert ("system/cpu_utilization_percentage" in metrics) is sampled
+    assert ("system/system_memory_usage_megabytes" in metrics) is sampled

@@ -1,6 +1,6 @@
 """The `aggregate` stage's work: collect every model's metrics, compute NRR / ARDist / sweep gaps,
 write the table (CSV, Markdown), the summary JSON and the tradeoff plot, and mirror it all to MLflow
-as a parent run `aggregate` with one nested child run per model."""
+as the stage run `aggregate` (the per-model runs are tracking_layout.py's, built by the stage command)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def run_aggregate(p: Params, inputs: AggregateInputs, outputs: AggregateOutputs)
 
 
 def _log_mlflow(p: Params, s: Summary, outputs: AggregateOutputs) -> None:
-    """Parent run with the artifacts and sweep gaps; a child per model so the UI lines the models up."""
+    """The stage's run: its settings, sweep gaps, paired differences and artifacts."""
     with Tracker(p.mlflow.experiment, "aggregate", tags={"stage": "aggregate", "dvc_stage": "aggregate"}) as tr:
         tr.log_params({"aggregate": p.aggregate.model_dump(exclude={"gate"}), "models": p.evaluate.models,
                        "robust_metric_used": s.robust_metric or "per model",
@@ -87,12 +87,3 @@ def _log_mlflow(p: Params, s: Summary, outputs: AggregateOutputs) -> None:
             if path is None:
                 continue
             tr.log_artifact(path, artifact_path="aggregate")
-        for row in s.rows:
-            with tr.child(f"aggregate/{row.model}", tags={"method": row.model, "objective": row.objective,
-                                                          "role": row.role}) as child:
-                child.log_params({"objective": row.objective, "robust_metric": row.robust_metric})
-                child.log_metrics({c: v for c, v in row.values.items() if v is not None})   # every declared column
-                child.log_metrics({f"{c}_{b}": v for c, bounds in row.ci.items()   # 95 % bounds
-                                   for b, v in zip(("lo", "hi"), bounds, strict=True)})
-                child.log_metrics({f"{c}_seed_{k}": v for c, ms in s.seed_stats.get(row.model, {}).items()
-                                   for k, v in zip(("mean", "std"), ms, strict=True)})
