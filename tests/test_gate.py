@@ -315,3 +315,41 @@ def test_a_record_that_disagrees_with_the_summary_is_bad_input(paired) -> None:
                                  "--records", str(paired["root"] / "bad" / "records"), "--params",
                                  str(paired["params"])])
     assert result.exit_code == 2 and "another run" in result.output
+
+
+def test_a_drop_within_the_baselines_seed_spread_passes_and_beyond_it_fails(paired) -> None:
+    """The paired interval knows the test set only: a baseline from a replicates run adds the spread between
+    trainings. The planted 20-point AutoAttack drop fails without it, passes when the seeds' std is 8 points
+    (3 x 8 = 24 > 20), and fails again at std 5 (15 < 20)."""
+    run = _run(0)
+    clean, aa = run["pgd_at"]
+    aa = aa & clean
+    weaker = aa.copy()
+    weaker[np.flatnonzero(aa)[:20]] = False
+    run["pgd_at"] = (clean, weaker)
+    doc = json.loads(paired["baseline"].read_text())
+    for sd, code in ((8.0, 0), (5.0, 1)):
+        doc["seed_std"] = {"pgd_at": {m: sd for m in ("autoattack", "worst_case", "robust")}}
+        paired["baseline"].write_text(json.dumps(doc))
+        result = _gate_on(paired, run, f"seeds{int(sd)}")
+        assert result.exit_code == code, result.output
+        line = next(ln for ln in result.output.splitlines() if "pgd_at" in ln and "autoattack" in ln)
+        assert f"min {3 * sd:.1f}" in line
+
+
+def test_a_replicates_summary_carries_the_seed_std_that_a_baseline_copies(tmp_path: Path) -> None:
+    from pipeline_lib.aggregation.gate import seed_sd, write_baseline
+    from pipeline_lib.aggregation.rows import Summary, summary_metrics
+
+    def summary(**kw: Any) -> Summary:
+        return Summary(rows=[], robust_metric="autoattack", reference_mode="own", reference_points=[], curve=None,
+                       curve_error=None, sweeps=[], context={}, **kw)
+
+    one = summary()
+    assert "seed_std" not in summary_metrics(one)           # one seed: the file is unchanged
+    three = summary(seeds=[0, 1, 2], seed_stats={"pgd_at": {"clean": (70.0, 2.5), "autoattack": (40.0, 1.25)}})
+    doc = summary_metrics(three)
+    assert doc["seeds"] == [0, 1, 2] and doc["seed_std"] == {"pgd_at": {"clean": 2.5, "autoattack": 1.25}}
+    write_baseline(doc, tmp_path / "b.json", "ci", tmp_path / "summary.json")
+    base = json.loads((tmp_path / "b.json").read_text())
+    assert seed_sd(base, "pgd_at", "autoattack") == 1.25 and seed_sd(base, "standard", "clean") == 0.0

@@ -52,12 +52,18 @@ class GateParams(StrictModel):
     a regression is a drop larger than `min_effect` points whose paired bootstrap interval against the
     baseline's own examples excludes zero, the interval's level Bonferroni-corrected over the paired checks
     (1 - alpha / checks) so that `alpha` bounds the chance of any false alarm. The rules below gate the rest
-    (and everything when the baseline holds no per-example record)."""
+    (and everything when the baseline holds no per-example record).
+
+    Training seeds: the paired interval only knows the test set's noise. A baseline written from a run with
+    `replicates` also stores each metric's std over training seeds (`seed_std`); a drop must then also exceed
+    `seed_sd_factor` such stds, so that retraining (another seed, or any change of the training bits) is not
+    mistaken for a regression."""
 
     default: GateRule = GateRule(abs_tol=5.0)
     metrics: dict[str, GateRule] = Field(default_factory=dict)   # per-metric overrides of `default`
     alpha: float = Field(default=0.05, gt=0, lt=1)               # family-wise false-alarm rate of the paired checks
     min_effect: float = Field(default=2.0, ge=0)                 # points: smaller drops never fail
+    seed_sd_factor: float = Field(default=3.0, ge=0)             # x the baseline's seed std (when it has one)
 
     @field_validator("metrics")
     @classmethod

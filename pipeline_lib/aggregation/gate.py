@@ -102,7 +102,9 @@ def load_metrics(path: Path) -> dict[str, Any]:
     return {"models": _numeric_block(path, doc["models"], "models"),
             "sweeps": _numeric_block(path, doc.get("sweeps", {}), "sweeps"),
             "context": doc.get("context", {}) if isinstance(doc.get("context", {}), dict) else {},
-            "examples": _examples_block(path, doc.get("examples", {}))}
+            "examples": _examples_block(path, doc.get("examples", {})),
+            **({"seed_std": _numeric_block(path, doc["seed_std"], "seed_std"), "seeds": doc.get("seeds", [])}
+               if "seed_std" in doc else {})}
 
 
 def encode_bits(correct: NDArray[np.bool_]) -> str:
@@ -172,13 +174,20 @@ def gate_direction(metric: str) -> str:
     return spec.direction if spec is not None and spec.per_example else "none"
 
 
+def seed_sd(baseline: dict[str, Any], entity: str, metric: str) -> float:
+    """The baseline's std of (entity, metric) over training seeds (0 without replicates), in points."""
+    sd = baseline.get("seed_std", {}).get(entity, {}).get(metric, 0.0)
+    return float(sd) if isinstance(sd, int | float) and math.isfinite(sd) else 0.0
+
+
 def _paired_row(entity: str, metric: str, b: float | None, c: float | None, base: NDArray[np.bool_],
-                cur: NDArray[np.bool_], gate: GateParams, checks: int) -> GateRow:
+                cur: NDArray[np.bool_], gate: GateParams, checks: int, seed_std: float = 0.0) -> GateRow:
     r = paired_comparison(cur, base, level=1.0 - gate.alpha / checks, n_boot=GATE_BOOT)
     diff, lo, hi = 100.0 * r.diff, 100.0 * r.lo, 100.0 * r.hi
-    status: Status = ("regressed" if hi < 0 and -diff > gate.min_effect + _EPS else
-                      "improved" if lo > 0 and diff > gate.min_effect + _EPS else "ok")
-    return GateRow(entity, metric, b, c, gate.min_effect, "higher", status, (lo, hi))
+    effect = max(gate.min_effect, gate.seed_sd_factor * seed_std)   # points: test-set noise AND seed noise
+    status: Status = ("regressed" if hi < 0 and -diff > effect + _EPS else
+                      "improved" if lo > 0 and diff > effect + _EPS else "ok")
+    return GateRow(entity, metric, b, c, effect, "higher", status, (lo, hi))
 
 
 def compare(baseline: dict[str, Any], current: dict[str, Any], gate: GateParams) -> list[GateRow]:
@@ -193,9 +202,10 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], gate: GateParams)
         b, c = base.get(key), cur.get(key)
         if key in paired and c is not None:
             rows.append(_paired_row(entity, metric, b, c, baseline["examples"][entity][metric],
-                                    current["examples"][entity][metric], gate, len(paired)))
+                                    current["examples"][entity][metric], gate, len(paired),
+                                    seed_sd(baseline, entity, metric)))
             continue
-        allowed = None if b is None else rule.allowed(b)
+        allowed = None if b is None else max(rule.allowed(b), gate.seed_sd_factor * seed_sd(baseline, entity, metric))
         direction = rule.direction_of(metric)
         status: Status
         if direction == "ignore":

@@ -320,4 +320,8 @@ def summary_metrics(s: Summary) -> dict[str, Any]:
     # 95 % bounds apart from `models`, so the gate's per-metric rules never see them as metrics
     ci95 = {r.model: {c: {"lo": round(lo, 4), "hi": round(hi, 4)} for c, (lo, hi) in r.ci.items()}
             for r in s.rows if r.ci}
-    return {"models": models, "sweeps": sweeps, "context": ctx, "ci95": ci95}
+    out = {"models": models, "sweeps": sweeps, "context": ctx, "ci95": ci95}
+    if s.seed_stats:   # spread between trainings (sample std over s.seeds), for the gate's seed-aware tolerance
+        out["seeds"] = list(s.seeds)
+        out["seed_std"] = {m: {c: round(sd, 4) for c, (_, sd) in cols.items()} for m, cols in s.seed_stats.items()}
+    return out
