@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Params
-from .profiles import COMPOSED_MARK
+from .profiles import generated_from
 from .tracking import first_line, flatten, git_commit, default_tracking_uri, ensure_experiment, quiet_mlflow
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,8 @@ def profile_name(params_file: Path = Path("params.yaml")) -> str:
             first = fh.readline()
     except OSError:
         return "unknown"
-    if first.startswith(COMPOSED_MARK):
-        return first[len(COMPOSED_MARK):].split("`")[0].strip() or "default"
-    return "default"
+    names = generated_from(first)
+    return " ".join(names) if names else "default"
 
 
 # Artifact name in every model run -> file name pattern in its folder ({m}: the model).
@@ -118,8 +117,13 @@ def hyperparameters(p: Params, model: str) -> dict[str, Any]:
     method params, optim, attack), the pretraining's for 'standard', an import's provenance."""
     common = {"seed": p.seed, "data": p.data.model_dump(mode="json", exclude={"root", "download"}),
               "model": p.model.model_dump(mode="json"), "threat.eps": p.threat.eps}
-    if model in p.method:
-        return {**common, **p.resolve(model).model_dump(mode="json")}
+    if model in p.method:   # the job the finetune stage builds, so the logged settings are the trained ones
+        from .training.job import finetune_job   # imports the methods (torch): only when there is a method
+
+        job = finetune_job(model, p.method[model], p.finetune.optim, p.threat)
+        return {**common, "name": job.name, "objective": job.objective, "init": job.init,
+                "params": job.objective_params.model_dump(mode="json"), "optim": job.optim.model_dump(mode="json"),
+                "attack": job.attack.model_dump(mode="json")}
     if model == "standard":
         attack = {"eps": p.threat.eps, "step_size": p.threat.train_step_size, "steps": p.threat.train_steps}
         return {**common, "name": "standard", "objective": "standard", "init": "scratch",

@@ -12,7 +12,6 @@ after import (a plug-in, a test's dummy) is seen.
 from __future__ import annotations
 
 from ..evaluation.metric_spec import MetricSpec
-from ..evaluation.registry import eval_metrics
 
 # The run's robust accuracy: the chosen robust metric's column under one name (its interval, its examples).
 ROBUST = MetricSpec("robust", "Robust", in_markdown=False)
@@ -31,6 +30,14 @@ DERIVED: tuple[MetricSpec, ...] = (
 NRR_OF: dict[str, str] = {"nrr_aa": "autoattack", "nrr_cw": "cw"}
 # Per sweep (objective with several instances), not per model.
 MEAN_GAP = MetricSpec("mean_gap", "Mean gap", interval="none", per_example=False, signed=True, digits=2)
+
+
+def eval_metrics() -> list[MetricSpec]:
+    """The evaluate stage's declared metrics. Imported when first asked: the registry holds the attacks
+    (torch), and importing the params schema (config -> aggregation.config -> here) must not load torch."""
+    from ..evaluation.registry import eval_metrics as registered
+
+    return list(registered())
 
 
 def model_columns() -> list[MetricSpec]:
