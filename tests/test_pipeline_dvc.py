@@ -241,7 +241,7 @@ def test_a_queued_experiments_runs_land_in_the_repositorys_store(repo: Repo, fir
     re-runs only validate and aggregate (the rest comes from the committed lock and the DVC cache)."""
     from mlflow.tracking import MlflowClient
 
-    (repo.root / ".git" / "info" / "exclude").write_text("data/\ncache/\nmlartifacts/\nmlflow.db\n__pycache__/\n")
+    (repo.root / ".git" / "info" / "exclude").write_text("/data/\n/cache/\n/mlartifacts/\n/mlflow.db\n__pycache__/\n")
     repo.run("git", "add", "-A")
     repo.run("git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "ci run")
     env = {k: v for k, v in repo.env.items() if k != "MLFLOW_TRACKING_URI"}

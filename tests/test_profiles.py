@@ -101,7 +101,8 @@ def test_arpipe_profile_writes_what_dvc_exp_run_writes(tmp_path: Path) -> None:
 def test_set_param_overrides_compose_on_top_of_profiles() -> None:
     """`dvc exp run -S profile=ci -S seed=3 -S runtime.nproc_per_node=2` in Hydra's grammar."""
     p = parse_params(compose_hydra(["ci"], ["seed=3", "runtime.nproc_per_node=2"], conf_dir=CONF))
-    assert p.seed == 3 and p.runtime.nproc_per_node == 2 and p.data.n_train == 1024
+    ci = yaml.safe_load((PROFILES / "ci.yaml").read_text(encoding="utf-8"))
+    assert p.seed == 3 and p.runtime.nproc_per_node == 2 and p.data.n_train == ci["data"]["n_train"]
 
 
 # --------------------------------------------------------------------------- the paper profiles
