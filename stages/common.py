@@ -18,14 +18,19 @@ ALLOW_NAME_MISMATCH = typer.Option(False, "--allow-name-mismatch",
                                    help="evaluate a checkpoint trained as another method under NAME, on purpose")
 
 
-def load_or_exit(path: Path) -> Params:
-    """Validate the params file before any work; print the named bad values and exit 2 on error."""
-    from pipeline_lib.registered import check_registered   # the registries import torch: only when a stage runs
+def load_or_exit(path: Path, registries: bool = True) -> Params:
+    """Validate the params file before any work; print the named bad values and exit 2 on error.
 
+    `registries=False` skips the check against the model and objective registries, which import torch:
+    for the torch-free commands (aggregate, gate), which read no model or method params. The `validate`
+    stage, first in dvc.yaml, and every training and evaluation stage still make that check."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         p = load_params(path)
-        check_registered(p, str(path))
+        if registries:
+            from pipeline_lib.registered import check_registered
+
+            check_registered(p, str(path))
         return p
     except ParamsError as exc:
         console.print(f"[bold red]invalid params[/]: {escape(str(exc))}", soft_wrap=True)

@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from pipeline_lib import distributed
 from pipeline_lib.config import Params
 from pipeline_lib.io import check_writable
-from pipeline_lib.runtime import resolve_device
 
 from .common import PARAMS_OPTION, console, fail, load_or_exit
 
@@ -32,6 +30,10 @@ STATE_DIR = Path("cache/train_state")  # resumable state, outside DVC's outputs 
 def relaunch_if_asked(p: Params, stage: str) -> None:
     """Re-run this very command (sys.argv) under torchrun when params ask for several processes;
     exits with torchrun's exit code. A no-op inside a torchrun-started process."""
+    # torch-importing modules: imported here, not at module level, so `arpipe gate` / `aggregate` stay torch-free
+    from pipeline_lib import distributed
+    from pipeline_lib.runtime import resolve_device
+
     rt = p.runtime
     resolve_device(rt.device)   # no GPU for runtime.device: cuda is one line here, not one per started process
     if distributed.launch_needed(rt.nproc_per_node, rt.nnodes):
@@ -56,6 +58,12 @@ def interrupt_hint(stage: str, out: Path, state: Path, tracked: tuple[Path, ...]
             console.print(f"{stage} interrupted: `dvc repro` removed the previous {out} before training; "
                           f"`dvc checkout {stage}` restores it from the DVC cache{git}{resume}", soft_wrap=True)
         raise typer.Exit(130) from None
+
+
+def is_main_process() -> bool:
+    from pipeline_lib.distributed import is_main_process as main
+
+    return main()
 
 
 def train(p: Params, job: TrainJob, outputs: TrainOutputs, pretrained: Path | None = None) -> dict[str, Any]:
@@ -94,7 +102,7 @@ def pretrain(
     relaunch_if_asked(p, f"pretrain{tag}")
     with interrupt_hint(f"pretrain_rep@{seed}" if tag else "pretrain", out, outputs.state, (metrics, history)):
         result = train(p, pretrain_job(p.pretrain.optim, p.threat), outputs)
-    if distributed.is_main_process():
+    if is_main_process():
         console.print(f"pretrain: val clean acc {result['val_clean_acc']:.4f} -> {out}")
 
 
@@ -123,5 +131,5 @@ def finetune(
     with interrupt_hint(f"finetune_rep@{seed}-{method}" if tag else f"finetune@{method}", out, outputs.state,
                         (metrics, history)):
         result = train(p, job, outputs, pretrained)
-    if distributed.is_main_process():
+    if is_main_process():
         console.print(f"finetune@{method}: val clean acc {result['val_clean_acc']:.4f} -> {out}")

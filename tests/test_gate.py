@@ -353,3 +353,24 @@ def test_a_replicates_summary_carries_the_seed_std_that_a_baseline_copies(tmp_pa
     write_baseline(doc, tmp_path / "b.json", "ci", tmp_path / "summary.json")
     base = json.loads((tmp_path / "b.json").read_text())
     assert seed_sd(base, "pgd_at", "autoattack") == 1.25 and seed_sd(base, "standard", "clean") == 0.0
+
+
+def test_the_gate_imports_no_torch(files) -> None:
+    """`arpipe gate` reads JSON and YAML only: a CI job pays no torch import (seconds) for it. It runs in a
+    fresh interpreter that reports the torch modules it loaded; the run must also pass (the baseline is
+    compared with itself), so the check is of a real gate run, not of an early exit."""
+    import os
+    import subprocess
+    import sys
+
+    files["current"].write_text(json.dumps(BASELINE))
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['arpipe'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('stages.cli', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+             "print('EXIT', code, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n")
+    args = ["gate", "--baseline", str(files["baseline"]), "--current", str(files["current"]),
+            "--params", str(files["params"])]
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert out.splitlines()[-1] == "EXIT 0 []", out[-2000:]

@@ -25,20 +25,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
-
-from ..attacks.cw import cw_linf
-from ..attacks.fgsm import fgsm_linf
-from ..attacks.pgd import pgd_linf
 from ..registry import Registry
-from .autoattack import build_autoattack, run_component
 from .metric_spec import AtMost, MetricSpec
 
 if TYPE_CHECKING:
+    # torch and the attacks are imported by the builders when they run: the metric declarations
+    # are read by torch-free commands (aggregate, gate) too, and torch costs them seconds to import.
+    import torch
+    from torch import Tensor, nn
+
     from .config import EvaluateParams
 
-ChunkAttack = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+ChunkAttack = Callable[["Tensor", "Tensor", "torch.Generator"], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +116,8 @@ _AA_WHY = "AutoAttack should be the stronger attack"
 
 @register_attack("fgsm", MetricSpec("fgsm", "FGSM", role="attack", robust=True))
 def _fgsm(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    from ..attacks.fgsm import fgsm_linf
+
     def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
         return fgsm_linf(env.model, x, y, eps=env.eps)
 
@@ -127,6 +127,8 @@ def _fgsm(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
 @register_attack("pgd", MetricSpec("pgd", "PGD", role="attack", robust=True, at_most=(_MULTISTEP,),
                                    steps_from="pgd_steps"))
 def _pgd(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    from ..attacks.pgd import pgd_linf
+
     s = e.pgd
 
     def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
@@ -138,6 +140,8 @@ def _pgd(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
 
 @register_attack("cw", MetricSpec("cw", "CW", role="attack", robust=True, at_most=(_MULTISTEP,)))
 def _cw(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    from ..attacks.cw import cw_linf
+
     s = e.cw_settings
 
     def run(x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
@@ -152,6 +156,8 @@ def _cw(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     at_most=(_MULTISTEP, AtMost("pgd", "autoattack_weaker_than_pgd", _AA_WHY),
              AtMost("cw", "autoattack_weaker_than_pgd", _AA_WHY))))
 def _autoattack(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
+    from .autoattack import build_autoattack, run_component
+
     # One pyautoattack object for every component and batch: built once, never rebuilt.
     aa = build_autoattack(env.model, e.autoattack, eps=env.eps, seed=env.seed, device=env.device)
 
@@ -170,6 +176,8 @@ def sweep_metric(eps: float) -> str:
 
 def sweep_steps(e: EvaluateParams, env: AttackEnv) -> list[AttackStep]:
     """PGD at each `eps_sweep` value, the step size scaled by eps'/eps so the steps cover the ball alike."""
+    from ..attacks.pgd import pgd_linf
+
     s = e.pgd
 
     def step(eps: float) -> AttackStep:
