@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from datafiles import base_params_dict, write_cifar
+from datafiles import CIFAR, base_params_dict, write_cifar
 from typer.testing import CliRunner
 
 from pipeline_lib.config import parse_params
@@ -52,8 +52,11 @@ def tiny_overlay(root: Path, methods: list[str]) -> dict[str, Any]:
 
 
 def invoke(*args: str) -> None:
+    t0 = time.perf_counter()
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, f"arpipe {' '.join(args)} failed:\n{result.output}\n{result.exception!r}"
+    stage = args[0] if args[1].startswith("--") else f"{args[0]}@{args[1]}"
+    print(f"  {stage}: {time.perf_counter() - t0:.1f} s")   # shown with -s: where the test's time goes
 
 
 @pytest.fixture
@@ -73,7 +76,8 @@ def test_paper_profile_runs_end_to_end(profile: str, tmp_path: Path, monkeypatch
     t0 = time.perf_counter()
     monkeypatch.chdir(tmp_path)          # the stages' resumable state lives under ./cache
     raw = base_params_dict(profile)
-    write_cifar(tmp_path / "data", raw["data"]["dataset"], n_per_file=8)
+    train_files = CIFAR[raw["data"]["dataset"]][4]   # CIFAR-10: 5 training batches, CIFAR-100: one file
+    write_cifar(tmp_path / "data", raw["data"]["dataset"], n_per_file=40 // len(train_files))
     raw = deep_merge(raw, tiny_overlay(tmp_path / "data", raw["finetune"]["methods"]))
     p = parse_params(raw, profile)        # the composed profile validates as it is
     assert p.evaluate.autoattack.version == "standard"
