@@ -93,7 +93,10 @@ def main() -> None:
         base = Path(tmp)
         root, env = scratch_repo(base)
         seeds = list(args.seeds)
-        baseline = args.baseline
+        # the gate runs in the scratch repository: a baseline given relative to the caller's folder is resolved here
+        baseline = None if args.baseline is None else args.baseline.resolve()
+        if baseline is not None and not baseline.is_file():
+            sys.exit(f"--baseline {args.baseline}: no such file")
         if baseline is None:
             first = seeds.pop(0)
             run = run_seed(root, env, first, base / f"seed{first}")
