@@ -49,8 +49,13 @@ def scratch_repo(base: Path) -> tuple[Path, dict[str, str]]:
         src = REPO / name
         (shutil.copytree(src, root / name, ignore=ignore) if src.is_dir() else shutil.copy2(src, root / name))
     data = REPO / "data"
-    if data.is_dir():   # a checkout's downloaded data; otherwise the loader's system copy
-        (root / "data").symlink_to(data.resolve(), target_is_directory=True)
+    if data.is_dir():   # a checkout's downloaded datasets; otherwise the loader's system copy
+        # linked one by one: data/corrupted/ holds the corrupt stage's DVC output, which must be the
+        # scratch repo's own (a path through a link into the checkout makes `dvc repro` fail)
+        (root / "data").mkdir()
+        for entry in data.iterdir():
+            if entry.name != "corrupted":
+                (root / "data" / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
     _run(["git", "init", "-q"], root, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
     _run(["arpipe", "profile", "ci"], root, env)
