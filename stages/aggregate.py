@@ -39,7 +39,7 @@ def aggregate(
     from pipeline_lib.aggregation.metrics_io import MetricsError
     from pipeline_lib.aggregation.references import published_points
 
-    p = load_or_exit(params, registries=False)
+    p = load_or_exit(params)
     if (comparisons_csv is None) != (comparisons_md is None):
         raise fail("give both --comparisons-csv and --comparisons-md, or neither")
     check_writable(table, markdown, summary, plot,
@@ -90,7 +90,7 @@ def gate(
     from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, current_examples, failed,
                                                load_metrics, render, write_baseline)
 
-    p = load_or_exit(params, registries=False)
+    p = load_or_exit(params, registries=False)   # reads no model or method params: stays torch-free
     out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs are not terminals: do not wrap at 80
     try:
         cur = load_metrics(current)
