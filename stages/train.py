@@ -60,12 +60,6 @@ def interrupt_hint(stage: str, out: Path, state: Path, tracked: tuple[Path, ...]
         raise typer.Exit(130) from None
 
 
-def is_main_process() -> bool:
-    from pipeline_lib.distributed import is_main_process as main
-
-    return main()
-
-
 def train(p: Params, job: TrainJob, outputs: TrainOutputs, pretrained: Path | None = None) -> dict[str, Any]:
     """Run `job` with the sections of `p` training reads (data, model, seed, runtime, mlflow)."""
     from pipeline_lib.training import run_training   # looked up when called: tests replace it
@@ -94,6 +88,7 @@ def pretrain(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Standard training of the base model every method starts from."""
+    from pipeline_lib.distributed import is_main_process
     from pipeline_lib.training import TrainOutputs, pretrain_job
 
     p, tag = with_seed(load_or_exit(params), seed)
@@ -116,6 +111,7 @@ def finetune(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train one method instance (from the pretrained model or from scratch, as its params say)."""
+    from pipeline_lib.distributed import is_main_process
     from pipeline_lib.training import TrainOutputs, finetune_job, needs_pretrained
 
     p, tag = with_seed(load_or_exit(params), seed)

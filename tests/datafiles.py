@@ -15,8 +15,11 @@ import contextlib
 import functools
 import gzip
 import http.server
+import os
 import pickle
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +153,10 @@ def serve_folder(folder: Path) -> Iterator[str]:
         server.shutdown()
         thread.join()
         server.server_close()
+
+
+def python_stdout(code: str, *args: str, cwd: Path = REPO) -> str:
+    """Stdout of `code` run by a fresh interpreter with this checkout on its path (what a module imports,
+    or a command does, from process start: nothing the test process already loaded counts)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout

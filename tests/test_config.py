@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 import pipeline_lib.training
-from datafiles import REPO, base_params_dict
+from datafiles import REPO, base_params_dict, python_stdout
 from pipeline_lib.config import ParamsError, load_params, parse_params
 from pipeline_lib.profiles import available, compose
 from pipeline_lib.registered import check_registered
@@ -113,8 +110,7 @@ def test_the_params_schema_imports_no_torch() -> None:
     Planted check: the subprocess reports what it imported."""
     heavy = "('torch', 'scipy', 'mlflow', 'pandas', 'matplotlib')"
     code = f"import sys, pipeline_lib.config; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+    out = python_stdout(code).strip()
     assert out == "[]", out
 
 

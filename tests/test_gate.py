@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from datafiles import python_stdout
 from typer.testing import CliRunner
 
 from pipeline_lib.aggregation.config import GateParams, GateRule
@@ -359,10 +360,6 @@ def test_the_gate_imports_no_torch(files) -> None:
     """`arpipe gate` reads JSON and YAML only: a CI job pays no torch import (seconds) for it. It runs in a
     fresh interpreter that reports the torch modules it loaded; the run must also pass (the baseline is
     compared with itself), so the check is of a real gate run, not of an early exit."""
-    import os
-    import subprocess
-    import sys
-
     files["current"].write_text(json.dumps(BASELINE))
     probe = ("import runpy, sys\n"
              "sys.argv = ['arpipe'] + sys.argv[1:]\n"
@@ -371,6 +368,5 @@ def test_the_gate_imports_no_torch(files) -> None:
              "print('EXIT', code, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n")
     args = ["gate", "--baseline", str(files["baseline"]), "--current", str(files["current"]),
             "--params", str(files["params"])]
-    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    out = python_stdout(probe, *args)
     assert out.splitlines()[-1] == "EXIT 0 []", out[-2000:]

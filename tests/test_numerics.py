@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from datafiles import REPO
+from datafiles import REPO, python_stdout
 from pipeline_lib import numerics
 
 PROBE = """
@@ -81,7 +81,6 @@ def test_pinning_after_torch_loaded_is_refused(monkeypatch: pytest.MonkeyPatch) 
     assert numerics.apply_numerics("native") == {}
 
 
-
 def test_deterministic_algorithms_on_without_importing_inductor() -> None:
     """configure_determinism(True) turns torch's deterministic mode on (warn-only) in a fresh process without
     loading torch._inductor, whose import `torch.use_deterministic_algorithms` makes (seconds per stage);
@@ -92,6 +91,5 @@ def test_deterministic_algorithms_on_without_importing_inductor() -> None:
             "on = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())\n"
             "configure_determinism(False)\n"
             "print(on, torch.are_deterministic_algorithms_enabled(), 'torch._inductor' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+    out = python_stdout(code).strip()
     assert out == "(True, True) False False", out
