@@ -195,10 +195,8 @@ def test_a_run_that_cannot_be_resumed_is_closed_as_killed(store_uri: str, workdi
 
     _mlflow_on(monkeypatch, store_uri)
     first = Tracker("replaced", "finetune@x", root=workdir, resume_key="params-1").__enter__()
-    import mlflow
-
-    mlflow.end_run()   # what a SIGKILL leaves: the run RUNNING in the store, the marker on disk
-    MlflowClient(store_uri).update_run(first.run_id, status="RUNNING")
+    first.wait_started()   # never exited, as after a SIGKILL: the run RUNNING in the store, the marker on disk
+    assert MlflowClient(store_uri).get_run(first.run_id).info.status == "RUNNING"
     with Tracker("replaced", "finetune@x", root=workdir, resume_key="params-2") as second:
         pass
     old = MlflowClient(store_uri).get_run(first.run_id)
@@ -210,23 +208,23 @@ def test_a_run_that_cannot_be_resumed_is_closed_as_killed(store_uri: str, workdi
 def test_failure_mid_run_warns_once_and_ends_the_run(store_uri: str, data_root: Path, workdir: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     _mlflow_on(monkeypatch, store_uri)
+    real_log_batch = MlflowClient.log_batch
 
-    def broken(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("store went away")
+    def broken_metrics(self: MlflowClient, run_id: str, metrics: Any = (), **kwargs: Any) -> None:
+        if metrics:
+            raise ConnectionError("store went away")
+        real_log_batch(self, run_id, **kwargs)
 
-    monkeypatch.setattr(mlflow, "log_metrics", broken)
+    monkeypatch.setattr(MlflowClient, "log_batch", broken_metrics)
     p = tiny_params(data_root, mlflow={"experiment": "fails-mid-run"})
     out, metrics = _train(p, workdir)
     failures = _mlflow_warnings(caplog)
     assert len(failures) == 1 and "log_metrics failed" in failures[0]
     _assert_outputs(out, metrics)
-    # The run was still closed: not left RUNNING, and no longer the process's active run.
-    assert mlflow.active_run() is None
-    client = MlflowClient(store_uri)
+    client = MlflowClient(store_uri)   # the run was still closed, not left RUNNING
     runs = client.search_runs([client.get_experiment_by_name("fails-mid-run").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
 
@@ -240,22 +238,45 @@ def test_switched_off_by_the_environment(tmp_path: Path, monkeypatch: pytest.Mon
     assert not (tmp_path / "never.db").exists()
 
 
-class FakeMlflow:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
+def test_tracker_flattens_params_and_keeps_numeric_metrics(store_uri: str, workdir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
 
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: self.calls.append((name, args[0] if args else kwargs))
+    _mlflow_on(monkeypatch, store_uri)
+    with Tracker("flatten", "stage", root=workdir) as tracker:
+        tracker.log_params({"optim": {"lr": 0.1, "milestones": [1, 2]}, "name": "pgd_at"})
+        tracker.log_metrics({"acc": 0.5, "epochs": 3, "flag": True, "note": "text", "eval": {"pgd@20": 0.25}})
+    run = MlflowClient(store_uri).get_run(tracker.run_id)
+    assert run.data.params == {"optim.lr": "0.1", "optim.milestones": "[1, 2]", "name": "pgd_at"}
+    assert run.data.metrics == {"acc": 0.5, "epochs": 3.0, "eval.pgd_20": 0.25}
 
 
-def test_tracker_flattens_params_and_keeps_numeric_metrics() -> None:
-    tracker = Tracker("x", "stage")
-    fake = FakeMlflow()
-    tracker.enabled, tracker._mlflow = True, fake
-    tracker.log_params({"optim": {"lr": 0.1, "milestones": [1, 2]}, "name": "pgd_at"})
-    tracker.log_metrics({"acc": 0.5, "epochs": 3, "flag": True, "note": "text", "eval": {"pgd@20": 0.25}})
-    assert fake.calls[0] == ("log_params", {"optim.lr": "0.1", "optim.milestones": "[1, 2]", "name": "pgd_at"})
-    assert fake.calls[1] == ("log_metrics", {"acc": 0.5, "epochs": 3.0, "eval.pgd_20": 0.25})
+def test_mlflow_start_is_off_the_stages_critical_path(store_uri: str, workdir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entering the tracker and logging return while MLflow is still starting (its import and store
+    take seconds); the calls are made in order once the run exists, and exit waits for all of them."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    _mlflow_on(monkeypatch, store_uri)
+    release = threading.Event()
+    real_start = Tracker._start
+
+    def slow_start(self: Tracker) -> None:
+        assert release.wait(timeout=60)
+        real_start(self)
+
+    monkeypatch.setattr(Tracker, "_start", slow_start)
+    with Tracker("background", "stage", root=workdir) as tracker:
+        for step in (1, 2, 3):                     # returns although no run exists yet
+            tracker.log_metrics({"loss": 1.0 / step}, step=step)
+        assert tracker._started is not None and not tracker._started.done()
+        release.set()
+    assert tracker._started.done()
+    history = MlflowClient(store_uri).get_metric_history(tracker.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert MlflowClient(store_uri).get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def test_flatten() -> None:

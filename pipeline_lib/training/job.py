@@ -176,11 +176,9 @@ def _run_training(job: TrainJob, out: TrainOutputs, info: distributed.DistInfo, 
     with run.tracker(resume_key=fp) as tracker:
         tracker.log_params(config)
         tracker.log_params({"runtime": {**rt.model_dump(), "world_size": info.world_size}})
-        logged = tracker.logged_steps("val_clean_acc") if tracker.resumed else set()   # epochs the run holds
 
-        def log_epoch(rec: dict[str, float]) -> None:   # resumed: fit replays finished epochs, log each once
-            if int(rec["epoch"]) not in logged:
-                tracker.log_metrics(rec, step=int(rec["epoch"]))
+        def log_epoch(rec: dict[str, float]) -> None:   # a resumed run skips the epochs it holds (Tracker)
+            tracker.log_metrics(rec, step=int(rec["epoch"]))
 
         t0 = time.perf_counter()
         result = fit(model, objective, loader, val, job.optim, seed=seed, state_path=out.state,
