@@ -8,7 +8,7 @@ params.yaml one to one so that DVC can depend on exactly the keys a stage reads.
 This module imports no subsystem that pulls in torch (the sections it composes live in
 torch-free `config` modules of their packages): what only a registry knows, a model
 architecture and a method's objective and params, is checked by the registries themselves
-(`pipeline_lib.registered.check_registered`), which the stages call on the loaded params.
+(`pipeline_lib.registered.check_registered`, torch-free too), which the stages call on the loaded params.
 """
 
 from __future__ import annotations

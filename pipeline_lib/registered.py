@@ -2,13 +2,15 @@
 
 `pipeline_lib.config` validates the params file without importing a subsystem (no torch); the
 stages call `check_registered` on the loaded params before any work, so an unknown architecture
-or a bad method param still stops them with a message naming the key and the value.
+or a bad method param still stops them with a message naming the key and the value. The registries
+it asks import no torch either (the architecture names in pipeline_lib.models, the objectives' params
+schemas in pipeline_lib.method_params): the stages that train nothing (aggregate, profile) pay no torch import.
 """
 
 from __future__ import annotations
 
 from .config import Params, ParamsError
-from .methods import objective_params
+from .method_params import objective_params
 from .models import known_arch
 from .schema import StrictModel
 

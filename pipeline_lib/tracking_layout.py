@@ -118,7 +118,7 @@ def hyperparameters(p: Params, model: str) -> dict[str, Any]:
     common = {"seed": p.seed, "data": p.data.model_dump(mode="json", exclude={"root", "download"}),
               "model": p.model.model_dump(mode="json"), "threat.eps": p.threat.eps}
     if model in p.method:   # the job the finetune stage builds, so the logged settings are the trained ones
-        from .training.job import finetune_job   # imports the methods (torch): only when there is a method
+        from .training.spec import finetune_job
 
         job = finetune_job(model, p.method[model], p.finetune.optim, p.threat)
         return {**common, "name": job.name, "objective": job.objective, "init": job.init,

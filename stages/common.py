@@ -21,9 +21,10 @@ ALLOW_NAME_MISMATCH = typer.Option(False, "--allow-name-mismatch",
 def load_or_exit(path: Path, registries: bool = True) -> Params:
     """Validate the params file before any work; print the named bad values and exit 2 on error.
 
-    `registries=False` skips the check against the model and objective registries, which import torch:
-    for `gate`, which reads no model or method params. Every other command makes the check (the
-    aggregate logs each method's resolved params to MLflow, so a bad one must stop it before any work)."""
+    `registries=False` skips the check against the model and objective registries (torch-free, as is
+    the params schema): for `gate`, which reads no model or method params. Every other command makes the
+    check (the aggregate logs each method's resolved params to MLflow, so a bad one must stop it before
+    any work)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         p = load_params(path)

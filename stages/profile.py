@@ -73,7 +73,7 @@ def profile(
 
 def _validate(raw: object, source: str) -> None:
     """The params every stage would accept: the schema, then what only the registries know."""
-    from pipeline_lib.registered import check_registered   # the registries import torch
+    from pipeline_lib.registered import check_registered
 
     check_registered(parse_params(raw, source), source)
 

@@ -160,3 +160,16 @@ def python_stdout(code: str, *args: str, cwd: Path = REPO) -> str:
     or a command does, from process start: nothing the test process already loaded counts)."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+
+
+_ARPIPE_PROBE = ("import runpy, sys\n"
+                 "sys.argv = ['arpipe'] + sys.argv[1:]\n"
+                 "try:\n    runpy.run_module('stages.cli', run_name='__main__')\n"
+                 "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+                 "print('EXIT', code, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n")
+
+
+def arpipe_torch_probe(*args: str, cwd: Path = REPO) -> str:
+    """Stdout of `arpipe <args>` run by a fresh interpreter, its last line `EXIT <exit code> <the first torch
+    modules it loaded>`: `EXIT 0 []` is a run that passed without importing torch."""
+    return python_stdout(_ARPIPE_PROBE, *args, cwd=cwd)

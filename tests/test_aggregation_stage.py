@@ -15,6 +15,7 @@ import yaml
 from scipy.stats import binomtest
 from typer.testing import CliRunner
 
+from datafiles import arpipe_torch_probe
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,14 +53,17 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_aggregate(d: Path, params: Path, corruption: str = "corruption"):
+def aggregate_args(d: Path, params: Path, corruption: str = "corruption") -> list[str]:
+    """`arpipe aggregate` over the metrics folders of `d`, writing to d/out."""
     out = d / "out"
-    result = runner.invoke(app, [
-        "aggregate", "--eval-dir", str(d / "eval"), "--train-dir", str(d / "train"),
-        "--corruption-dir", str(d / corruption), "--table", str(out / "summary.csv"),
-        "--markdown", str(out / "summary.md"), "--summary", str(out / "summary.json"),
-        "--plot", str(out / "tradeoff.png"), "--params", str(params)])
-    return result, out
+    return ["aggregate", "--eval-dir", str(d / "eval"), "--train-dir", str(d / "train"),
+            "--corruption-dir", str(d / corruption), "--table", str(out / "summary.csv"),
+            "--markdown", str(out / "summary.md"), "--summary", str(out / "summary.json"),
+            "--plot", str(out / "tradeoff.png"), "--params", str(params)]
+
+
+def run_aggregate(d: Path, params: Path, corruption: str = "corruption"):
+    return runner.invoke(app, aggregate_args(d, params, corruption)), d / "out"
 
 
 def test_writes_table_markdown_summary_and_plot(workdir: Path) -> None:
@@ -150,22 +154,29 @@ def test_unknown_params_are_rejected(tmp_path: Path) -> None:
         load_params(write_params(tmp_path, gate={"metrics": {"clean_acc": {"abs_tol": 1.0}}}))
 
 
+def use_mlflow(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLflow on, its store in `workdir`; the tracking URI."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("ARPIPE_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return uri
+
+
 def test_mlflow_execution_run_with_a_run_per_model_updated_in_place(workdir: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """tracking_layout.py: a parent per execution, a child per model with its hyperparameters, numbers,
     curves and artifacts under the same names; aggregating again updates those runs, adds none."""
     import mlflow
 
-    monkeypatch.setenv("ARPIPE_MLFLOW", "1")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    uri = use_mlflow(workdir, monkeypatch)
     monkeypatch.chdir(workdir)   # artifacts land under ./mlartifacts of the tmp dir
     (workdir / "train" / "pgd_at_history.csv").write_text("epoch,val_clean_acc,train_loss\n1,0.7,2.0\n2,0.8,1.5\n")
     params = write_params(workdir)
     for _ in range(2):
         result, _ = run_aggregate(workdir, params)
         assert result.exit_code == 0, result.output
-    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("arpipe").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("arpipe.role") == "execution"]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
@@ -183,6 +194,33 @@ def test_mlflow_execution_run_with_a_run_per_model_updated_in_place(workdir: Pat
                  for a in client.list_artifacts(r.info.run_id, top.path)} for m, r in children.items()}
     assert names["pgd_at"] >= {"eval/metrics.json", "train/metrics.json", "train/history.csv"}
     assert names["standard"] >= {"eval/metrics.json", "corruption/metrics.json"}
+
+
+def test_the_aggregate_imports_no_torch(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregate reads metrics files, checks the architecture and every method's params against the
+    registries and logs each model's resolved settings to MLflow: none of it needs torch (seconds per run).
+    A fresh interpreter runs it, MLflow on, and reports the torch modules it loaded; the run must pass and
+    the finetune instance's run carry its resolved settings, so the check is of the whole stage."""
+    import mlflow
+
+    uri = use_mlflow(workdir, monkeypatch)
+    out = arpipe_torch_probe(*aggregate_args(workdir, write_params(workdir)), cwd=workdir)
+    assert out.splitlines()[-1] == "EXIT 0 []", out[-2000:]
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("arpipe").experiment_id],
+                               "tags.`arpipe.model` = 'pgd_at_b'")
+    assert run.data.params["objective"] == "pgd_at" and "attack.steps" in run.data.params
+
+
+def test_a_bad_method_param_stops_the_aggregate_before_any_work(workdir: Path) -> None:
+    params = write_params(workdir)
+    raw = yaml.safe_load(params.read_text())
+    raw["method"]["arrest"]["params"]["phi_deg"] = 500
+    params.write_text(yaml.safe_dump(raw))
+    result, out = run_aggregate(workdir, params)
+    assert result.exit_code == 2, result.output
+    assert "invalid params" in result.output and "phi_deg" in result.output and "(got 500)" in result.output
+    assert not out.exists()
 
 
 def _corruption(table: dict[str, list[float]]) -> dict[str, Any]:

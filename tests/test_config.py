@@ -103,13 +103,29 @@ def test_bad_params_are_named(case: str) -> None:
     assert message.startswith("params.yaml: ")
 
 
+# Every stage loads and checks its params first: none of these may be imported for it.
+HEAVY = "('torch', 'scipy', 'mlflow', 'pandas', 'matplotlib')"
+LOADED_HEAVY = f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY}))"
+
+
 def test_the_params_schema_imports_no_torch() -> None:
     """config.py composes torch-free section modules: loading params costs no torch import (and cannot
     hide an import circle with a subsystem), nor SciPy's, MLflow's, pandas' or matplotlib's (every stage
     loads params first: SciPy alone, through the aggregation package, cost each stage ~1.3 s).
     Planted check: the subprocess reports what it imported."""
-    heavy = "('torch', 'scipy', 'mlflow', 'pandas', 'matplotlib')"
-    code = f"import sys, pipeline_lib.config; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    out = python_stdout(f"import sys, pipeline_lib.config; {LOADED_HEAVY}").strip()
+    assert out == "[]", out
+
+
+def test_the_registry_checks_and_finetune_jobs_import_no_torch() -> None:
+    """What only the registries know (the architecture, each objective's params) is checked with torch-free
+    registries (pipeline_lib.models, pipeline_lib.method_params), and each finetune instance's job is resolved
+    without torch: the stages that train nothing (aggregate, profile) pay no torch import for them."""
+    code = ("import sys\nfrom pipeline_lib.config import load_params\n"
+            "from pipeline_lib.registered import check_registered\nfrom pipeline_lib.training import finetune_job\n"
+            "p = load_params('params.yaml')\nassert check_registered(p).keys() == p.method.keys()\n"
+            "for n, s in p.method.items():\n    finetune_job(n, s, p.finetune.optim, p.threat)\n"
+            f"{LOADED_HEAVY}\n")
     out = python_stdout(code).strip()
     assert out == "[]", out
 

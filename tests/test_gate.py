@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from datafiles import python_stdout
+from datafiles import arpipe_torch_probe
 from typer.testing import CliRunner
 
 from pipeline_lib.aggregation.config import GateParams, GateRule
@@ -361,12 +361,6 @@ def test_the_gate_imports_no_torch(files) -> None:
     fresh interpreter that reports the torch modules it loaded; the run must also pass (the baseline is
     compared with itself), so the check is of a real gate run, not of an early exit."""
     files["current"].write_text(json.dumps(BASELINE))
-    probe = ("import runpy, sys\n"
-             "sys.argv = ['arpipe'] + sys.argv[1:]\n"
-             "try:\n    runpy.run_module('stages.cli', run_name='__main__')\n"
-             "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-             "print('EXIT', code, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n")
-    args = ["gate", "--baseline", str(files["baseline"]), "--current", str(files["current"]),
-            "--params", str(files["params"])]
-    out = python_stdout(probe, *args)
+    out = arpipe_torch_probe("gate", "--baseline", str(files["baseline"]), "--current", str(files["current"]),
+                             "--params", str(files["params"]))
     assert out.splitlines()[-1] == "EXIT 0 []", out[-2000:]

@@ -22,9 +22,11 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from pipeline_lib.methods import OBJECTIVES, Objective, build_objective
+from pipeline_lib.method_params import OBJECTIVE_PARAMS
+from pipeline_lib.methods import OBJECTIVES, Objective, StepOutput, build_objective, register_objective
 from pipeline_lib.models import build_model
 from pipeline_lib.runtime import evaluating, seed_everything
+from pipeline_lib.schema import NoParams, StrictModel
 
 NAMES = OBJECTIVES.names()
 MODES = ["train", "eval", "mixed"]
@@ -164,6 +166,35 @@ def test_params_have_valid_defaults_and_reject_unknown_keys(name: str) -> None:
     cls.Params()  # every key has a default: `params: {}` in params.yaml is valid
     with pytest.raises(ValidationError):
         cls.Params.model_validate({"no_such_param": 1})
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) | set(OBJECTIVE_PARAMS.names())))
+def test_the_torch_free_params_registry_agrees_with_the_objectives(name: str) -> None:
+    """Params are validated with pipeline_lib.method_params (no torch) and trained with the objective's
+    `Params`: both registries hold the same names, and the objective's Params is the registered schema."""
+    assert name in OBJECTIVES, f"method_params registers {name!r}, which no objective in pipeline_lib/methods is"
+    assert name in OBJECTIVE_PARAMS, f"objective {name!r} has no params schema in pipeline_lib/method_params"
+    assert OBJECTIVES.get(name).Params is OBJECTIVE_PARAMS.get(name)
+
+
+def test_an_objective_is_refused_unless_its_params_are_the_registered_schema() -> None:
+    class Other(StrictModel):
+        x: int = 0
+
+    def objective(params: type[StrictModel]) -> type[Objective]:
+        class Candidate(Objective):
+            Params = params
+
+            def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+                return StepOutput(model(x).sum())
+
+        return Candidate
+
+    with pytest.raises(TypeError, match="'arrest'.*method_params"):
+        register_objective("arrest")(objective(Other))              # not the schema registered under its name
+    with pytest.raises(TypeError, match="'unregistered'.*method_params"):
+        register_objective("unregistered")(objective(NoParams))     # no schema registered under its name
+    assert OBJECTIVES.get("arrest").Params is OBJECTIVE_PARAMS.get("arrest") and "unregistered" not in OBJECTIVES
 
 
 @pytest.mark.parametrize("how", MODES)

@@ -348,10 +348,13 @@ def test_an_evaluation_change_reruns_no_training(repo: Repo, first_run: set[str]
     assert not planned & training and not training & downstream
 
 
-def test_editing_a_method_module_retrains_finetunes_but_not_pretraining(repo: Repo, first_run: set[str]) -> None:
+@pytest.mark.parametrize("module_path", ["methods/cure.py", "method_params/cure.py"])
+def test_editing_a_method_module_retrains_finetunes_but_not_pretraining(repo: Repo, first_run: set[str],
+                                                                         module_path: str) -> None:
     """Code deps are as narrow as the code each stage runs: pretraining runs only the standard
-    objective, so a change to another method's module leaves it (and its hours) alone."""
-    module = repo.root / "pipeline_lib" / "methods" / "cure.py"
+    objective, so a change to another method's module (its training code or its params schema) leaves
+    it (and its hours) alone."""
+    module = repo.root / "pipeline_lib" / module_path
     original = module.read_text()
     try:
         module.write_text(original + "\n# edited\n")

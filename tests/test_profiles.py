@@ -16,7 +16,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from datafiles import REPO
+from datafiles import REPO, arpipe_torch_probe
 from pipeline_lib.aggregation.job import objectives
 from pipeline_lib.config import Params, parse_params
 from pipeline_lib.data import get_spec
@@ -253,12 +253,27 @@ def test_profile_list_shows_profiles_not_parts(project: Path) -> None:
     assert result.exit_code == 0 and "cifar10_wrn34_10" in result.output and "_paper" not in result.output
 
 
-def test_a_profile_that_breaks_validation_is_not_written(project: Path) -> None:
-    (project / "conf" / "profile" / "bad.yaml").write_text("# @package _global_\ndata: {n_train: 0}\n")
+@pytest.mark.parametrize(("overlay", "named"), [
+    ("data: {n_train: 0}", "data.n_train"),                                       # the schema
+    ("method: {arrest: {params: {phi_deg: 500}}}", "method.arrest.params: phi_deg"),  # the objective's params
+    ("model: {arch: vgg16}", "model.arch: unknown model 'vgg16'")])                 # the architectures
+def test_a_profile_that_breaks_validation_is_not_written(project: Path, overlay: str, named: str) -> None:
+    (project / "conf" / "profile" / "bad.yaml").write_text(f"# @package _global_\n{overlay}\n")
     before = (project / "params.yaml").read_text()
     result = _run(project, "bad")
-    assert result.exit_code == 2 and "data.n_train" in result.output
+    assert result.exit_code == 2 and named in " ".join(result.output.split())
     assert (project / "params.yaml").read_text() == before
+
+
+def test_arpipe_profile_imports_no_torch(project: Path) -> None:
+    """`arpipe profile` validates what it writes against the registries too (the architecture, every method's
+    params), which import no torch: it runs in about a second. A fresh interpreter runs it for composed profiles
+    and for the default and reports the torch modules it loaded; each run must pass and write its file."""
+    for names in (["cifar10_resnet18", "sweep_arrest_phi"], []):
+        out = arpipe_torch_probe("profile", *names, "--out", str(project / "params.yaml"),
+                                 "--conf-dir", str(project / "conf"))
+        assert out.splitlines()[-1] == "EXIT 0 []", out[-2000:]
+        assert generated_from((project / "params.yaml").read_text()) == names
 
 
 # --------------------------------------------------------------------------- DVC itself

@@ -9,9 +9,9 @@ integrate and stats (~1.3 s on a 2-core CPU), which every stage would otherwise 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .config import AggregateParams, GateParams, GateRule
 from .nrr import nrr   # eager (math only): a lazy `nrr` would be shadowed by its own submodule once imported
 
@@ -25,10 +25,4 @@ _LAZY = {"mean_gap": "ardist", "signed_distance": "ardist", "CurveFitError": "cu
 __all__ = ["AggregateParams", "CurveFitError", "GateParams", "GateRule", "TradeoffCurve", "fit_tradeoff_curve",
            "mean_gap", "nrr", "signed_distance"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value   # looked up once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

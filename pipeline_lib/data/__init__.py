@@ -6,9 +6,9 @@ runs this file first: so it imports no torch. The torch-side names load on first
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .spec import SPECS, DatasetSpec, get_spec
 
 if TYPE_CHECKING:
@@ -19,11 +19,7 @@ if TYPE_CHECKING:
 _LAZY = {"BatchLoader": "loader", "augment": "loader", "DataUnavailableError": "sources", "load_split": "sources",
          "load_test": "splits", "load_train": "splits", "test_subset": "splits", "train_subset": "splits"}
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["SPECS", "BatchLoader", "DataUnavailableError", "DatasetSpec", "augment", "get_spec",

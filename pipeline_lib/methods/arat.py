@@ -49,48 +49,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from ..attacks import pgd_linf
 from ..evaluation.accuracy import accuracy
+from ..method_params.arat import ARATParams
 from ..runtime import evaluating, preserve_mode
-from ..schema import StrictModel
 from .base import Objective, ObjectiveContext, StepOutput, register_objective
 from .split_bn import bn_branch, merge_branch, split_batchnorm
-
-
-class ARATParams(StrictModel):
-    # Modules whose outputs are regularised (dotted names of the *original* model,
-    # e.g. "layer4.0.bn1"); None = the feature layers the model declares (see `default_layers`).
-    layers: list[str] | None = None
-    gamma: float | None = Field(default=None, ge=0)      # total invariance weight; None = DEFAULT_GAMMA
-    stop_gradient: bool = True          # false = symmetric ablation: gradient also flows into the clean branch
-    predictor: bool = True              # false = ablation: identity instead of the per-layer predictor
-    predictor_hidden_ratio: float = Field(default=0.25, gt=0, le=1)  # predictor bottleneck = ratio * d
-    split_bn: bool = True               # false = ablation: one BN shared by clean and adversarial inputs
-    auto_balance: bool = True           # w_a = clean-BN train accuracy, w_c = 1 - w_a, each epoch
-    balance_images: int = Field(default=1000, ge=1)      # training images the accuracy is measured on
-    adv_weight: float | None = Field(default=None, ge=0)    # fixed w_a (only with auto_balance: false; default 1)
-    clean_weight: float | None = Field(default=None, ge=0)  # fixed w_c (only with auto_balance: false; default 1)
-    swa_start: int | None = Field(default=None, ge=1)    # 1-based epoch SWA averaging starts at; None = no SWA
-    swa_every: int = Field(default=1, ge=1)              # steps between SWA updates (official 500), see docstring
-    swa_bn_batches: int | None = Field(default=None, ge=1)  # batches for the BN recompute; None = all (official)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ARATParams:
-        if self.layers is not None:
-            if not self.layers:
-                raise ValueError("layers: give at least one module name, or null for the architecture default")
-            dup = sorted({n for n in self.layers if self.layers.count(n) > 1})
-            if dup:
-                raise ValueError(f"layers: duplicate module names {dup}")
-        if self.auto_balance and (self.adv_weight is not None or self.clean_weight is not None):
-            raise ValueError(f"adv_weight={self.adv_weight} / clean_weight={self.clean_weight} are fixed CE "
-                             "weights: they need auto_balance: false")
-        return self
 
 
 # The paper's weight on ResNet-18, and this project's on SmallCNN (Fashion-MNIST, eps 0.1, 3-epoch finetune:

@@ -16,6 +16,9 @@ back-propagate. Everything else is an optional hook with a no-op default:
     state_dict / load_state_dict          resumable method state
     export_model(model) -> model          the model that is saved and evaluated
 
+Its params are a typed schema, `Params`, registered under the same name in
+pipeline_lib/method_params/<name>.py, which imports no torch (params are validated with it).
+
 Rules every objective keeps: it never touches the optimizer, and every hook
 leaves the model's (and its submodules') train/eval mode as it found it.
 """
@@ -28,12 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..attacks import LossFn, ce_loss, pgd_linf
 from ..attacks.training import AttackParams
-from ..config import ParamsError, format_errors
+from ..method_params import OBJECTIVE_PARAMS, objective_params
 from ..registry import Registry
 from ..runtime import preserve_mode
 from ..schema import NoParams, StrictModel
@@ -118,25 +120,19 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 def register_objective(name: str):
-    """Class decorator: register an Objective subclass under `name` and set its `name`."""
+    """Class decorator: register an Objective subclass under `name` and set its `name`. Its `Params` must be
+    the schema registered under the same name in pipeline_lib.method_params (torch-free, what params are
+    validated with), so what is validated is what the objective gets."""
 
     def deco(cls: type[Objective]) -> type[Objective]:
+        registered = OBJECTIVE_PARAMS.get(name) if name in OBJECTIVE_PARAMS else None
+        if cls.Params is not registered:
+            raise TypeError(f"objective {name!r}: {cls.__name__}.Params must be the schema registered under {name!r} "
+                            f"in pipeline_lib.method_params (@register_params({name!r}))")
         cls.name = name
         return OBJECTIVES.register(name)(cls)
 
     return deco
-
-
-def objective_params(instance: str, objective: str, raw: Mapping[str, Any]) -> StrictModel:
-    """The validated params of finetune instance `instance` (registered objective `objective`): the one
-    place a method's params are checked. ParamsError names `method.<instance>` and each bad key."""
-    if objective not in OBJECTIVES:
-        raise ParamsError(f"method.{instance}: unknown objective {objective!r}; "
-                          f"registered: {', '.join(OBJECTIVES.names())}")
-    try:
-        return OBJECTIVES.get(objective).Params.model_validate(raw)
-    except ValidationError as exc:
-        raise ParamsError(f"method.{instance}.params: {format_errors(exc)}") from None
 
 
 def build_objective(name: str, params: StrictModel | Mapping[str, Any] | None, ctx: ObjectiveContext) -> Objective:

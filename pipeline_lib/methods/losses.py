@@ -11,13 +11,14 @@ per-example function returns (B,).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DistanceName = Literal["cosine", "angle", "l2"]
+from ..method_params.arrest import DistanceName
+
 DISTANCES: tuple[str, ...] = get_args(DistanceName)
 
 # Below this norm a representation counts as zero for the cosine / angle (all-dead ReLU features):

@@ -17,18 +17,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
+from ..method_params.mart import MartParams
 from .base import Objective, StepOutput, register_objective
 from .losses import gaussian_start, kl_per_example
-from .trades import TradesStartParams
-
-
-class MartParams(TradesStartParams):
-    """beta, and the attack start (init_std; clamp_start: false = official, unprojected start)."""
-
-    beta: float = Field(default=6.0, ge=0)        # weight of the misclassification-aware KL term
 
 
 def mart_loss_from_logits(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float

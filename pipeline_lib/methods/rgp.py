@@ -37,15 +37,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean_
-
-RGPLayers = Literal["conv_linear", "conv", "conv1"]
-RGPVariant = Literal["paper", "official"]
+from ..method_params.cure import RGPLayers, RGPVariant
 _KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "conv_linear": (nn.modules.conv._ConvNd, nn.Linear),
     "conv": (nn.modules.conv._ConvNd,),

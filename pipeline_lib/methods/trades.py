@@ -8,7 +8,7 @@ As the official code (yaodongyu/TRADES, `trades_loss`):
   in the loop's (train) mode and separately (their own BatchNorm batch statistics), the
   gradient flowing through p(x) too. beta = 6 is the paper's CIFAR-10 setting.
 
-Two official details are params (TradesStartParams, TradesParams):
+Two official details are params (pipeline_lib/method_params/trades.py: TradesStartParams, TradesParams):
 * `clamp_start: false` (official): the start x + 0.001 N(0, 1) enters the first attack forward
   unprojected (slightly outside [0, 1] at black or white pixels); true projects it first.
 * `three_forwards: true` (official): the loss makes three train-mode forwards, f(x) for the CE,
@@ -23,25 +23,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
+from ..method_params.trades import TradesParams
 from ..runtime import preserve_mode
-from ..schema import StrictModel
 from .base import Objective, StepOutput, register_objective
 from .losses import gaussian_start, kl_per_example
-
-
-class TradesStartParams(StrictModel):
-    """The TRADES-style attack start, shared by TRADES, MART and CURE."""
-
-    init_std: float = Field(default=0.001, ge=0)  # attack start x + init_std * N(0, 1)
-    clamp_start: bool = True    # project the start onto the ball and [0, 1]; false = official (unprojected)
-
-
-class TradesParams(TradesStartParams):
-    beta: float = Field(default=6.0, ge=0)        # weight of the KL (robustness) term; 0 = clean CE only
-    three_forwards: bool = False  # official: clean, adv, clean train-mode forwards (BN statistics move 3x)
 
 
 @register_objective("trades")

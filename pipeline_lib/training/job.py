@@ -14,16 +14,15 @@ from typing import Any
 import torch
 
 from .. import checkpoint, distributed
-from ..attacks.training import AttackParams, training_attack
-from ..config import DataParams, MethodSpec, ModelParams, OptimParams, ParamsError, RuntimeParams, ThreatParams
+from ..config import DataParams, ModelParams, ParamsError, RuntimeParams
 from ..data import BatchLoader, get_spec, load_test, load_train
 from ..io import atomic_write, write_json
-from ..methods import OBJECTIVES, Objective, ObjectiveContext, build_objective, objective_params
+from ..methods import OBJECTIVES, Objective, ObjectiveContext, build_objective
 from ..models import build_model
 from ..run_setup import start_run
 from ..runtime import check_amp, memory_format, seed_everything
-from ..schema import NoParams, StrictModel
 from .loop import fit
+from .spec import TrainJob
 
 
 @dataclass(frozen=True)
@@ -34,30 +33,6 @@ class TrainOutputs:
     metrics: Path
     history: Path
     state: Path  # resumable training state; removed once the checkpoint is written
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    name: str                 # "standard" for pretraining, else the finetune instance name
-    objective: str
-    objective_params: StrictModel
-    optim: OptimParams
-    attack: AttackParams
-    init: str                 # "pretrained" | "scratch"
-
-
-def pretrain_job(optim: OptimParams, threat: ThreatParams) -> TrainJob:
-    """Standard training of the base model (pretrain.optim); its attack is threat's, unused by the objective."""
-    return TrainJob("standard", "standard", NoParams(), optim, training_attack(threat), "scratch")
-
-
-def finetune_job(name: str, spec: MethodSpec, defaults: OptimParams, threat: ThreatParams) -> TrainJob:
-    """Finetune instance `name` (method.<name>), its optim merged over finetune.optim (`defaults`) and its
-    attack over threat's; its params validated by the methods registry (ParamsError names the key)."""
-    objective = spec.objective_of(name)
-    params = objective_params(name, objective, spec.params)
-    return TrainJob(name, objective, params, spec.merged_optim(defaults), training_attack(threat, spec.attack),
-                    spec.init)
 
 
 def needs_pretrained(job: TrainJob) -> bool:
