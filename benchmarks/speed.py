@@ -167,6 +167,7 @@ def section_startup(reps: int) -> None:
                                str(tmp / "e.json"), "--record", str(tmp / "e.csv"), "--log", str(tmp / "e.log"),
                                "--plot", str(tmp / "e.png")], True),
     }
+    stages["profile ci (to exit)"] = (["-m", "stages.cli", "profile", "ci", "--out", str(tmp / "ci.yaml")], False)
     summary = REPO / "metrics" / "aggregate" / "summary.json"
     if summary.exists():   # the committed summary against itself: a passing gate
         stages["gate (to exit)"] = (["-m", "stages.cli", "gate", "--baseline", str(summary), "--current",
