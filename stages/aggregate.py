@@ -90,7 +90,7 @@ def gate(
     from pipeline_lib.aggregation.gate import (GateInputError, check_context, compare, current_examples, failed,
                                                load_metrics, render, write_baseline)
 
-    p = load_or_exit(params, registries=False)   # reads no model or method params: stays torch-free
+    p = load_or_exit(params, registries=False)   # reads no model or method params
     out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs are not terminals: do not wrap at 80
     try:
         cur = load_metrics(current)

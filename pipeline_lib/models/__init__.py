@@ -52,7 +52,7 @@ def known_arch(name: str) -> str:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODELS.names())}")
     return name
 
-__getattr__ = lazy_exports(__name__, {"ImageClassifier": "base", "Normalize": "base"})
 
+__getattr__ = lazy_exports(__name__, {"ImageClassifier": "base", "Normalize": "base"})
 
 __all__ = ["MODELS", "ImageClassifier", "Normalize", "build_model", "known_arch"]
